@@ -1,0 +1,511 @@
+"""The config: typed models for every key, YAML loading with `extends:`, `KEY=VALUE` overrides, and error messages.
+
+A config is resolved in three steps, and every problem found is reported together:
+
+1. read the YAML file and its `extends:` parents (deep-merged in order, the including file wins);
+2. apply command-line overrides (`train.lr=1e-4`, dotted paths checked against the schema);
+3. validate with the pydantic models below (unknown keys forbidden) and then the cross-field checks.
+
+Each problem names the file (and line where known) the offending key came from, the dotted key, and what is
+allowed. Defaults live in the field declarations below and nowhere else. No torch here: `validate` and the CLI's
+help must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorafit.errors import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+COMMAND_LINE = "command line"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- schema
+
+
+class QuantizationConfig(_Section):
+    """bitsandbytes quantization of the frozen base (QLoRA)."""
+
+    bits: Literal[4, 8] = 4
+    type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
+    double_quant: bool = True  # 4-bit only: quantize the quantization constants too (~0.4 bit/param saved)
+    compute_dtype: Dtype = "bfloat16"  # 4-bit only: dtype of the dequantized matmul
+
+
+class ModelConfig(_Section):
+    path: str = Field(min_length=1)  # hub id or local directory
+    revision: str | None = None
+    dtype: Dtype = "bfloat16"
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    trust_remote_code: bool = False
+    quantization: QuantizationConfig | None = None  # null: full-precision base (LoRA); set: QLoRA
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "dora"] = "lora"
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)  # usually 2 × r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: str | list[str] = "all-linear"  # all-linear | [suffix, ...] | "re:<regex>"
+    exclude: list[str] = []  # module-name suffixes never wrapped
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_shape(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v or any(not isinstance(s, str) or not s.strip() for s in v):
+                raise ValueError("a list of targets must hold at least one non-empty module-name suffix")
+            return v
+        if v == "all-linear":
+            return v
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {v[3:]!r}: {e}") from None
+            return v
+        raise ValueError(
+            f"must be 'all-linear', a list of module-name suffixes, or 're:<regex>' (got {v!r}; "
+            f"for one suffix write [{v}])"
+        )
+
+
+class DataSource(_Section):
+    path: str = Field(min_length=1)  # file, folder, or hub dataset id
+    format: Literal["alpaca", "chat", "completion", "text"]
+    split: str = "train"  # hub datasets
+    columns: dict[str, str] = {}  # renames: {expected_name: name_in_the_data}
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = []
+    eval_fraction: float = Field(0.0, ge=0, lt=1)  # held out of train when eval is empty
+    max_length: int = Field(2048, ge=8)
+    packing: bool = True
+    train_on_prompt: bool = False  # false: loss only on responses / assistant turns (and their EOS)
+    chat_template: str | None = None  # overrides the tokenizer's template for format: chat
+    prompt_template: str | None = None  # alpaca: overrides the default template ({instruction}, {input})
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # when set, wins over epochs
+    batch_size: int = Field(4, ge=1)  # per device, per micro-step
+    grad_accum: int = Field(4, ge=1)
+    lr: float = Field(2.0e-4, gt=0)
+    lora_plus_ratio: float | None = Field(None, gt=0)  # LoRA+: B's lr = lr × ratio (16 is typical)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0)  # < 1: fraction of steps; >= 1: number of steps
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    max_grad_norm: float | None = Field(1.0, ge=0)  # null or 0: no clipping
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # steps; 0 = at the end only
+    save_every: int = Field(0, ge=0)  # steps; 0 = at the end only
+    keep_checkpoints: int = Field(2, ge=1)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+
+
+class OutputConfig(_Section):
+    dir: str = Field(min_length=1)
+
+
+class Config(_Section):
+    """A whole resolved config. Build one with `load_config`, not directly, to get file-aware messages."""
+
+    model: ModelConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------------------------------- loading the YAML
+
+
+@dataclass
+class _Layer:
+    """A dict read from YAML plus where each dotted key came from ("file:line")."""
+
+    data: dict[str, Any]
+    origins: dict[str, str] = field(default_factory=dict)
+
+
+def _key_lines(node: yaml.Node, path: str, file: str, out: dict[str, str], dupes: list[str]) -> None:
+    """Record `file:line` of every mapping key under `node`, and collect duplicated keys."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            dotted = f"{path}.{key}" if path else key
+            where = f"{file}:{key_node.start_mark.line + 1}"
+            if key in seen:
+                dupes.append(f"{where}: {dotted}: duplicate key (the later one would silently win)")
+            seen.add(key)
+            out[dotted] = where
+            _key_lines(value_node, dotted, file, out, dupes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[f"{path}.{i}"] = f"{file}:{item.start_mark.line + 1}"
+            _key_lines(item, f"{path}.{i}", file, out, dupes)
+
+
+def _read_yaml(path: Path) -> _Layer:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.__class__.__name__}: {e})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, adapter:, ...)")
+    origins: dict[str, str] = {}
+    dupes: list[str] = []
+    if node is not None:
+        _key_lines(node, "", str(path), origins, dupes)
+    if dupes:
+        raise ConfigError(dupes, source=str(path))
+    return _Layer(data, origins)
+
+
+def _deep_merge(base: _Layer, top: _Layer) -> _Layer:
+    """Merge `top` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
+
+    def merge(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = dict(a)
+            for k, v in b.items():
+                out[k] = merge(a[k], v) if k in a else v
+            return out
+        return b
+
+    # Where `top` replaces a value (not a mapping), what `base` had below it is gone: forget those origins.
+    replaced = [k for k in top.origins if not isinstance(_get(top.data, k), dict)]
+    origins = {k: v for k, v in base.origins.items() if not any(k.startswith(r + ".") for r in replaced)}
+    origins.update(top.origins)
+    return _Layer(merge(base.data, top.data), origins)
+
+
+def _get(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if isinstance(data, dict):
+            data = data.get(part)
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return None
+    return data
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> _Layer:
+    path = path.resolve() if path.exists() else path
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{chain[-1]}: extends: cycle: {cycle}")
+    layer = _read_yaml(path)
+    parents = layer.data.pop("extends", None)
+    layer.origins = {k: v for k, v in layer.origins.items() if k != "extends" and not k.startswith("extends.")}
+    if parents is None:
+        return layer
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
+        raise ConfigError(f"{path}: extends: must be a path or a list of paths (relative to this file)")
+    merged = _Layer({}, {})
+    for parent in parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: extends: parent config {parent!r} not found (looked for {parent_path})")
+        merged = _deep_merge(merged, _load_with_extends(parent_path, (*chain, path)))
+    return _deep_merge(merged, layer)
+
+
+# -------------------------------------------------------------------------------------------- overrides
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like `QuantizationConfig | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _section_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+    if typing.get_origin(annotation) is list:
+        return _section_model(typing.get_args(annotation)[0])
+    return None
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return close[0] if close else ""
+
+
+def _all_dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _section_model(info.annotation) or _list_item_model(info.annotation)
+        if sub is not None:
+            keys += _all_dotted_keys(sub, dotted + ("." if _section_model(info.annotation) else ".N."))
+    return keys
+
+
+def _unknown_key_message(dotted: str) -> str:
+    """`adapter.rank: unknown key (did you mean adapter.r?)`, looking in the same section first, then anywhere."""
+    parts = dotted.split(".")
+    known = _all_dotted_keys(Config)
+    generic = ".".join("N" if p.isdigit() else p for p in parts)
+    siblings = [k for k in known if k.rsplit(".", 1)[0] == generic.rsplit(".", 1)[0] and k.count(".") == generic.count(".")]
+    guess = _suggest(generic, siblings)
+    if not guess:  # the right key in the wrong section: `train.r` -> `adapter.r`
+        same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == parts[-1]]
+        guess = same_leaf[0] if len(same_leaf) == 1 else _suggest(parts[-1], [k.rsplit(".", 1)[-1] for k in known])
+        guess = next((k for k in known if k == guess or k.endswith("." + guess)), "") if guess else ""
+    if guess:
+        idx = [p for p in parts if p.isdigit()]
+        guess_parts = [idx.pop(0) if p == "N" and idx else p for p in guess.split(".")]
+        return f"{dotted}: unknown key (did you mean {'.'.join(guess_parts)}?)"
+    return f"{dotted}: unknown key"
+
+
+def _check_override_path(dotted: str) -> None:
+    """Raise if `dotted` is not a path into the schema (list items addressed by index: data.train.0.path)."""
+    model: type[BaseModel] | None = Config
+    parts = dotted.split(".")
+    i = 0
+    while i < len(parts):
+        name = parts[i]
+        if model is None or name not in model.model_fields:
+            raise ConfigError(f"{COMMAND_LINE}: {_unknown_key_message(dotted)}")
+        annotation = model.model_fields[name].annotation
+        item = _list_item_model(annotation)
+        if item is not None and i + 1 < len(parts):
+            if not parts[i + 1].isdigit():
+                raise ConfigError(f"{COMMAND_LINE}: {dotted}: {'.'.join(parts[: i + 1])} is a list; address an item by "
+                                  f"its index, e.g. {'.'.join(parts[: i + 1])}.0.{parts[i + 1]}")
+            model, i = item, i + 2
+            continue
+        model = _section_model(annotation)
+        if model is None and i + 1 < len(parts):
+            raise ConfigError(f"{COMMAND_LINE}: {_unknown_key_message(dotted)}")
+        i += 1
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 0.0001). The value is read as YAML (so `[q_proj, v_proj]` is a list)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{COMMAND_LINE}: override {text!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.\w+)*", key):
+        raise ConfigError(f"{COMMAND_LINE}: override key {key!r} is not a dotted path (e.g. adapter.r)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{COMMAND_LINE}: {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key, value
+
+
+def _apply_override(layer: _Layer, key: str, value: Any) -> None:
+    _check_override_path(key)
+    parts = key.split(".")
+    node: Any = layer.data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            idx = int(part)
+            if idx >= len(node):
+                raise ConfigError(f"{COMMAND_LINE}: {key}: {'.'.join(parts[:i])} has {len(node)} item(s); "
+                                  f"index {idx} does not exist")
+            node = node[idx]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict | list):
+            raise ConfigError(f"{COMMAND_LINE}: {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+    layer.origins[key] = COMMAND_LINE
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    """One pydantic error as 'what is wrong and what is allowed'."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    got = err.get("input")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '')} (got {got!r})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{err['msg'].lower()} (got {got!r})"
+    if kind == "too_short" and isinstance(got, list):
+        return "must hold at least one item"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "model_type" or kind == "dict_type":
+        return f"must be a mapping of keys (got {type(got).__name__} {got!r})"
+    return f"{err['msg'].lower()} (got {type(got).__name__} {got!r})"
+
+
+def _origin(origins: dict[str, str], dotted: str, fallback: str) -> str:
+    """Where `dotted` (or its nearest parent) was set; for a missing key, the file that should set it."""
+    probe = dotted
+    while probe:
+        if probe in origins:
+            return origins[probe]
+        probe = probe.rpartition(".")[0]
+    return fallback
+
+
+def _pydantic_problems(exc: ValidationError, origins: dict[str, str], fallback: str) -> list[str]:
+    problems: dict[str, str] = {}
+    for err in exc.errors():
+        # Union members add their own tail to loc (`targets.str`, `targets.list[str].0`): drop type names.
+        loc = [str(p) for p in err["loc"] if not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool|function-after\[.*\]", str(p))]
+        dotted = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            msg = _unknown_key_message(dotted)
+        else:
+            msg = f"{dotted}: {_describe_error(err)}"
+        problems.setdefault(dotted, f"{_origin(origins, dotted, fallback)}: {msg}")
+    return list(problems.values())
+
+
+def _cross_field_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """Checks that span keys. Returns (problems, warnings) as 'dotted.key: message' lines."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    q = cfg.model.quantization
+    if q is not None and q.bits == 8:
+        for key in ("type", "double_quant", "compute_dtype"):
+            if key in q.model_fields_set:
+                problems.append(f"model.quantization.{key}: applies to 4-bit only (bits is 8); remove it or set bits: 4")
+    t = cfg.train
+    if t.warmup >= 1 and t.warmup != int(t.warmup):
+        problems.append(f"train.warmup: {t.warmup} is >= 1, so it counts steps and must be a whole number "
+                        f"(for a fraction of the run use a value below 1)")
+    if t.max_steps is not None and t.warmup >= 1 and t.warmup > t.max_steps:
+        problems.append(f"train.warmup: {int(t.warmup)} warmup steps exceed train.max_steps ({t.max_steps})")
+    if t.max_steps is not None and "epochs" in t.model_fields_set and t.epochs != 1:
+        warnings.append(f"train.epochs: {t.epochs} is ignored because train.max_steps ({t.max_steps}) is set")
+    has_eval = bool(cfg.data.eval) or cfg.data.eval_fraction > 0
+    if cfg.data.eval and cfg.data.eval_fraction > 0:
+        problems.append("data.eval_fraction: set both data.eval and data.eval_fraction; use one or the other")
+    if t.eval_every > 0 and not has_eval:
+        problems.append("train.eval_every: there is no eval data; add data.eval sources or set data.eval_fraction")
+    if t.precision == "fp16" and cfg.model.dtype == "bfloat16":
+        problems.append("train.precision: fp16 with model.dtype bfloat16 mixes two half types; "
+                        "use precision bf16, or model.dtype float16 / float32")
+    if t.precision == "bf16" and cfg.model.dtype == "float16":
+        problems.append("train.precision: bf16 with model.dtype float16 mixes two half types; "
+                        "use precision fp16, or model.dtype bfloat16 / float32")
+    if q is None and t.optimizer == "paged_adamw_8bit":
+        warnings.append("train.optimizer: paged_adamw_8bit mainly helps QLoRA; adamw_8bit pages nothing and is as small")
+    if cfg.adapter.method == "dora" and q is not None and q.bits == 8:
+        warnings.append("adapter.method: DoRA on an 8-bit base dequantizes the weight every step (slow)")
+    if cfg.data.chat_template is not None and not any(s.format == "chat" for s in cfg.data.train + cfg.data.eval):
+        warnings.append("data.chat_template: set, but no data source has format: chat")
+    if cfg.data.prompt_template is not None and not any(s.format == "alpaca" for s in cfg.data.train + cfg.data.eval):
+        warnings.append("data.prompt_template: set, but no data source has format: alpaca")
+    return problems, warnings
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config with where it came from. `warnings` are printed by the CLI, never fatal."""
+
+    config: Config
+    path: Path
+    warnings: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
+    """Read, merge (`extends:`), override and validate a config.
+
+    Args:
+        path: the YAML file.
+        overrides: `dotted.key=value` strings from the command line; they win over every file.
+
+    Returns:
+        The validated config with its warnings.
+
+    Raises:
+        ConfigError: listing every problem found, each with its file, line where known, and dotted key.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a config file (e.g. configs/tiny-quickstart.yaml)")
+    layer = _load_with_extends(path)
+    override_problems = []
+    for text in overrides:
+        try:
+            _apply_override(layer, *parse_override(text))
+        except ConfigError as e:
+            override_problems += e.problems
+    if override_problems:
+        raise ConfigError(override_problems, source=COMMAND_LINE)
+    try:
+        cfg = Config.model_validate(layer.data)
+    except ValidationError as e:
+        raise ConfigError(_pydantic_problems(e, layer.origins, str(path)), source=str(path)) from None
+    problems, warnings = _cross_field_problems(cfg)
+    if problems:
+        raise ConfigError([f"{_origin(layer.origins, p.split(':')[0], str(path))}: {p}" for p in problems],
+                          source=str(path))
+    return LoadedConfig(cfg, path, warnings, layer.origins)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (as dumped to config.yaml), sorted."""
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for k in keys:
+        a, b, dotted = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, dotted + ".")
+        elif a != b:
+            out.append(dotted)
+    return out
