@@ -172,6 +172,14 @@ def _key_lines(node: yaml.Node, path: str, file: str, out: dict[str, str], dupes
             _key_lines(item, f"{path}.{i}", file, out, dupes)
 
 
+def _display(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _read_yaml(path: Path) -> _Layer:
     try:
         text = path.read_text(encoding="utf-8")
@@ -230,7 +238,7 @@ def _get(data: Any, dotted: str) -> Any:
 
 
 def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> _Layer:
-    path = path.resolve() if path.exists() else path
+    path = Path(_display(path.resolve())) if path.exists() else path
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise ConfigError(f"{chain[-1]}: extends: cycle: {cycle}")
@@ -289,22 +297,42 @@ def _all_dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# Names other tools (PEFT, transformers, axolotl, torchtune) use for our keys: users bring them along.
+_KNOWN_ALIASES = {
+    "rank": "adapter.r", "lora_r": "adapter.r", "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout",
+    "target_modules": "adapter.targets", "lora_target_modules": "adapter.targets", "use_rslora": "adapter.rslora",
+    "use_dora": "adapter.method", "learning_rate": "train.lr", "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs", "gradient_accumulation_steps": "train.grad_accum",
+    "micro_batch_size": "train.batch_size", "per_device_train_batch_size": "train.batch_size",
+    "warmup_steps": "train.warmup", "warmup_ratio": "train.warmup", "lr_scheduler": "train.scheduler",
+    "lr_scheduler_type": "train.scheduler", "output_dir": "output.dir", "base_model": "model.path",
+    "sequence_len": "data.max_length", "max_seq_length": "data.max_length", "load_in_4bit": "model.quantization.bits",
+    "load_in_8bit": "model.quantization.bits", "torch_dtype": "model.dtype", "bnb_4bit_quant_type": "model.quantization.type",
+    "sample_packing": "data.packing", "datasets": "data.train",
+}
+
+
 def _unknown_key_message(dotted: str) -> str:
-    """`adapter.rank: unknown key (did you mean adapter.r?)`, looking in the same section first, then anywhere."""
+    """`adapter.rank: unknown key (did you mean adapter.r?)`: the same name in another section first, then near misses."""
     parts = dotted.split(".")
-    known = _all_dotted_keys(Config)
     generic = ".".join("N" if p.isdigit() else p for p in parts)
-    siblings = [k for k in known if k.rsplit(".", 1)[0] == generic.rsplit(".", 1)[0] and k.count(".") == generic.count(".")]
-    guess = _suggest(generic, siblings)
-    if not guess:  # the right key in the wrong section: `train.r` -> `adapter.r`
-        same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == parts[-1]]
-        guess = same_leaf[0] if len(same_leaf) == 1 else _suggest(parts[-1], [k.rsplit(".", 1)[-1] for k in known])
-        guess = next((k for k in known if k == guess or k.endswith("." + guess)), "") if guess else ""
-    if guess:
-        idx = [p for p in parts if p.isdigit()]
-        guess_parts = [idx.pop(0) if p == "N" and idx else p for p in guess.split(".")]
-        return f"{dotted}: unknown key (did you mean {'.'.join(guess_parts)}?)"
-    return f"{dotted}: unknown key"
+    parent, _, leaf = generic.rpartition(".")
+    known = _all_dotted_keys(Config)
+    elsewhere = [k for k in known if k.rpartition(".")[2] == leaf]  # `train.r` -> `adapter.r`
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+    if len(elsewhere) == 1:
+        guess = elsewhere[0]
+    elif leaf in _KNOWN_ALIASES:
+        guess = _KNOWN_ALIASES[leaf]
+    elif close := _suggest(leaf, siblings):
+        guess = f"{parent}.{close}" if parent else close
+    else:
+        guess = ""
+    if not guess:
+        return f"{dotted}: unknown key"
+    indexes = [p for p in parts if p.isdigit()]  # put list indexes back: data.train.N.fromat -> data.train.0.format
+    guess = ".".join(indexes.pop(0) if p == "N" and indexes else p for p in guess.split("."))
+    return f"{dotted}: unknown key (did you mean {guess}?)"
 
 
 def _check_override_path(dotted: str) -> None:

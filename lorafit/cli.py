@@ -1,0 +1,189 @@
+"""The `lorafit` command line. Each command parses its arguments, loads what it needs, and calls one library function.
+
+All user errors (`LorafitError`) pass through `main`, which prints one message and exits 2. Heavy imports (torch,
+transformers) happen inside the commands so `lorafit --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+import typer.exceptions
+
+from lorafit.errors import LorafitError, TrainingStopped
+
+app = typer.Typer(
+    name="lorafit",
+    help="Fine-tune Hugging Face causal language models with LoRA and QLoRA, driven by YAML configs.\n\n"
+    "Start with:  lorafit validate configs/tiny-quickstart.yaml",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+class SaveDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+ConfigArg = typer.Argument(..., help="The YAML config file.", show_default=False)
+OverridesArg = typer.Argument(None, help="Overrides as dotted KEY=VALUE, e.g. train.lr=1e-4 adapter.r=8.",
+                              show_default=False, metavar="[KEY=VALUE]...")
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks (or set LORAFIT_DEBUG=1)."),
+) -> None:
+    """Fine-tune Hugging Face causal language models with LoRA and QLoRA, driven by YAML configs."""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from lorafit.config import load_config
+
+    loaded = load_config(config, overrides or [])
+    err = _console(stderr=True)
+    for warning in loaded.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    return loaded
+
+
+@app.command()
+def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Check a config and show the plan: resolved config, model, targets, parameters, data, steps, memory.
+
+    Nothing is trained and no weights are loaded.
+
+    Example:  lorafit validate configs/llama-8b-qlora.yaml train.batch_size=2
+    """
+    from lorafit.plan import make_plan, print_plan
+
+    loaded = _load(config, overrides)
+    console = _console()
+    print_plan(console, loaded, make_plan(loaded.config), show_config=True)
+
+
+@app.command()
+def train(
+    config: Path = ConfigArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output.dir."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show the plan, then stop before training."),
+) -> None:
+    """Train a LoRA / QLoRA adapter as the config says; results go to output.dir.
+
+    Example:  lorafit train configs/tiny-quickstart.yaml train.max_steps=50
+    Several processes:  torchrun --nproc_per_node 2 -m lorafit train CONFIG
+    """
+    loaded = _load(config, overrides)
+    if dry_run:
+        from lorafit.plan import make_plan, print_plan
+
+        print_plan(_console(), loaded, make_plan(loaded.config), show_config=False)
+        return
+    from lorafit.train import run_training
+
+    run_training(loaded, resume=resume)
+
+
+@app.command()
+def merge(
+    source: Path = typer.Argument(..., help="A run directory or an adapter directory.", show_default=False,
+                                  metavar="RUN_OR_ADAPTER_DIR"),
+    out: Path = typer.Option(..., "--out", help="New folder for the merged model (must not exist or be empty).",
+                             show_default=False),
+    dtype: SaveDtype = typer.Option(SaveDtype.bfloat16, "--dtype", help="Dtype of the saved weights."),
+) -> None:
+    """Fold an adapter into its base model and save a plain Hugging Face model; verified against the adapter.
+
+    Example:  lorafit merge runs/tiny-quickstart --out merged/tiny --dtype float32
+    """
+    from lorafit.merge import merge_adapter
+
+    merge_adapter(source, out, dtype=dtype.value)
+
+
+@app.command(name="eval")
+def evaluate(
+    source: Path = typer.Argument(..., help="A run directory or a config file.", show_default=False,
+                                  metavar="RUN_OR_CONFIG"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter to compare (default: the run's).",
+                                           show_default=False),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file.",
+                                            show_default=False),
+) -> None:
+    """Measure the base model and the adapter side by side on the same eval data (loss, perplexity).
+
+    Example:  lorafit eval runs/tiny-quickstart --json results.json
+    """
+    from lorafit.evaluate import evaluate_command
+
+    evaluate_command(source, adapter_dir=adapter, json_path=json_out)
+
+
+@app.command()
+def generate(
+    source: Path = typer.Argument(..., help="A run directory, an adapter directory or a merged model directory.",
+                                  show_default=False, metavar="RUN_OR_MODEL_DIR"),
+    prompt: str = typer.Option(..., "--prompt", help="The prompt (the chat template is applied for chat runs).",
+                               show_default=False),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
+) -> None:
+    """Generate text from a trained adapter or a merged model.
+
+    Example:  lorafit generate runs/tiny-quickstart --prompt "Reverse the word: stone"
+    """
+    from lorafit.generate import generate_command
+
+    generate_command(source, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: user errors exit 2 with one message, interrupts 130, anything else 1 (traceback with --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LORAFIT_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]  # accepted anywhere on the line, not only before the command
+    try:
+        code = app(args=args, prog_name="lorafit", standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.exceptions.TyperException as e:  # bad arguments: the usage message, exit 2
+        e.show()
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except LorafitError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
+        code = e.exit_code
+    except Exception as e:  # a bug, not the user's fault: say so, keep it short unless asked
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
+            print("This is a lorafit failure, not a problem with your input. Run again with --debug for the "
+                  "traceback, and report it.", file=sys.stderr)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,280 @@
+"""The plan `lorafit validate` (and `train --dry-run`) shows: what will be built and trained, and a memory estimate.
+
+Nothing here loads weights. Parameters are counted on a model built on the meta device from the model's
+`config.json` (a local directory, the Hugging Face cache, or a config bundled with lorafit for well-known models),
+so the plan is available offline and in seconds even for 70B models.
+
+The memory estimate is a first-order model (see `estimate_memory`); `lorafit train` reports measured peaks to
+compare with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import Config, LoadedConfig
+
+BUNDLED_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GiB = 1024**3
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know about the base model, read off a meta-device instance."""
+
+    source: str  # where config.json came from
+    total_params: int
+    quantizable_params: int  # weights of linear layers bitsandbytes would quantize (all but the output head)
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    layers: int
+    vocab: int
+    targets: list[str]  # module names the adapter wraps
+    adapter_params: int
+
+
+@dataclass
+class DataCount:
+    path: str
+    format: str
+    rows: int | None  # None: could not count (hub dataset offline)
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    model: ModelShape | None
+    model_note: str  # why the model could not be counted, if it could not
+    train_data: list[DataCount]
+    eval_data: list[DataCount]
+    world_size: int
+    steps_per_epoch: int | None
+    total_steps: int | None
+    memory: dict[str, float] = field(default_factory=dict)  # bytes per device, by part
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def _find_model_config(cfg: Config) -> tuple[Any, str] | tuple[None, str]:
+    """transformers' config for model.path: local dir, HF cache, or a bundled copy. Returns (config, source)."""
+    from transformers import AutoConfig
+
+    path = cfg.model.path
+    kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            return None, f"{path} is a directory without config.json (not a Hugging Face model folder)"
+        return AutoConfig.from_pretrained(path, **kwargs), f"{path}/config.json"
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, **kwargs), "Hugging Face cache"
+    except (OSError, ValueError):
+        pass
+    bundled = BUNDLED_MODEL_CONFIGS / (path.replace("/", "--") + ".json")
+    if bundled.is_file():
+        data = json.loads(bundled.read_text())
+        return AutoConfig.for_model(**data), "lorafit's bundled config (architecture only)"
+    return None, (f"{path!r} is not a local directory and its config is not cached; parameters and memory are not "
+                  f"counted offline (download it once, or point model.path at a local folder)")
+
+
+def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.lora import find_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+    a = cfg.adapter
+    targets = find_targets(model, a.targets, a.exclude)
+    modules = dict(model.named_modules())
+    adapter_params = 0
+    for name in targets:
+        layer = modules[name]  # (out, in) weight
+        adapter_params += a.r * (layer.in_features + layer.out_features)
+        adapter_params += layer.out_features if a.method == "dora" else 0  # DoRA's magnitude vector
+    head = model.get_output_embeddings()
+    quantizable = sum(m.weight.numel() for m in modules.values()
+                      if isinstance(m, torch.nn.Linear) and m is not head)
+    text_cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    heads = getattr(text_cfg, "num_attention_heads", 1)
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
+    return ModelShape(
+        source=source,
+        total_params=sum(p.numel() for p in model.parameters()),
+        quantizable_params=quantizable,
+        hidden=text_cfg.hidden_size,
+        intermediate=getattr(text_cfg, "intermediate_size", 4 * text_cfg.hidden_size),
+        kv_dim=getattr(text_cfg, "num_key_value_heads", heads) * head_dim,
+        layers=text_cfg.num_hidden_layers,
+        vocab=text_cfg.vocab_size,
+        targets=targets,
+        adapter_params=adapter_params,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def estimate_memory(cfg: Config, shape: ModelShape) -> dict[str, float]:
+    """Bytes per device for weights, adapter (+ grads + optimizer state), activations and logits.
+
+    Activations per token per decoder layer (Llama-style block, `a` bytes per activation): the two RMSNorm inputs
+    (kept in fp32 too), the attention projections' inputs and outputs (6h + 3·kv), and the MLP's gate, up and
+    product (3·intermediate). Gradient checkpointing keeps only each layer's input (h) plus one layer's full set.
+    Logits: the output projection in `a` bytes plus fp32 copies for the loss and its gradient.
+    """
+    q = cfg.model.quantization
+    weight_bytes = DTYPE_BYTES[cfg.model.dtype]
+    other = shape.total_params - shape.quantizable_params
+    if q is None:
+        weights = shape.total_params * weight_bytes
+    elif q.bits == 4:
+        # 0.5 byte per weight; absmax per 64-weight block: fp32 (4 B), or with double quant 8-bit + fp32 per 256 blocks
+        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
+        weights = shape.quantizable_params * per_weight + other * weight_bytes
+    else:
+        weights = shape.quantizable_params * 1.0 + other * weight_bytes
+    t = cfg.train
+    optimizer_bytes = 8 if t.optimizer == "adamw" else 2  # two fp32 moments, or two 8-bit ones
+    adapter = shape.adapter_params * (4 + 4 + optimizer_bytes)  # fp32 weights, fp32 grads, optimizer state
+    a = PRECISION_BYTES[t.precision]
+    tokens = t.batch_size * cfg.data.max_length
+    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
+    per_layer = tokens * (2 * h * (a + 4) + a * (6 * h + 3 * kv) + 3 * i * a)
+    if t.gradient_checkpointing:
+        activations = shape.layers * tokens * h * a + per_layer
+    else:
+        activations = shape.layers * per_layer
+    logits = tokens * shape.vocab * (a + 8)
+    return {"weights": weights, "adapter + grads + optimizer": adapter, "activations": activations, "logits": logits}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _count(sources: list[Any]) -> list[DataCount]:
+    from lorafit.data import count_rows
+
+    out = []
+    for s in sources:
+        rows = count_rows(s)
+        note = "" if rows is not None else "not counted (hub dataset, not available offline)"
+        out.append(DataCount(s.path, s.format, rows, note))
+    return out
+
+
+def _steps(cfg: Config, train_rows: int | None, world: int) -> tuple[int | None, int | None]:
+    """Optimizer steps per epoch (an upper bound with packing, which merges rows) and in total."""
+    t = cfg.train
+    per_epoch = None
+    if train_rows is not None:
+        kept = train_rows - math.ceil(train_rows * cfg.data.eval_fraction) if not cfg.data.eval else train_rows
+        per_epoch = max(1, math.ceil(kept / (t.batch_size * t.grad_accum * world)))
+    total = t.max_steps if t.max_steps is not None else (per_epoch * t.epochs if per_epoch else None)
+    return per_epoch, total
+
+
+def make_plan(cfg: Config) -> Plan:
+    """Everything `validate` shows, computed without loading weights or tokenizing data."""
+    hf_config, source = _find_model_config(cfg)
+    shape = _model_shape(cfg, hf_config, source) if hf_config is not None else None
+    train_data, eval_data = _count(cfg.data.train), _count(cfg.data.eval)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = [d.rows for d in train_data]
+    per_epoch, total = _steps(cfg, None if None in rows else sum(rows), world)
+    memory = estimate_memory(cfg, shape) if shape is not None else {}
+    return Plan(shape, "" if shape else source, train_data, eval_data, world, per_epoch, total, memory)
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+
+def _num(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _targets_summary(targets: list[str]) -> str:
+    suffixes: dict[str, int] = {}
+    for name in targets:
+        leaf = name.rsplit(".", 1)[-1]
+        suffixes[leaf] = suffixes.get(leaf, 0) + 1
+    return ", ".join(f"{k} ×{v}" for k, v in suffixes.items())
+
+
+def print_plan(console: Any, loaded: LoadedConfig, plan: Plan, show_config: bool) -> None:
+    """Print the resolved config (optionally) and the plan as a table."""
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    cfg = loaded.config
+    if show_config:
+        console.print(f"[bold]Resolved config[/] ({loaded.path})")
+        console.print(Syntax(cfg.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+    table = Table(title="Plan", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in _plan_rows(cfg, plan):
+        table.add_row(key, value)
+    console.print(table)
+    if plan.model is None:
+        console.print(f"[yellow]note:[/] {plan.model_note}")
+    console.print(f"Config OK. Next: lorafit train {loaded.path}")
+
+
+def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
+    q = cfg.model.quantization
+    a, t = cfg.adapter, cfg.train
+    base = "full precision" if q is None else (
+        f"4-bit {q.type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}"
+        if q.bits == 4 else "8-bit (LLM.int8)")
+    scale = a.alpha / math.sqrt(a.r) if a.rslora else a.alpha / a.r
+    rows = [
+        ("model", f"{cfg.model.path} ({cfg.model.dtype}, {cfg.model.attention} attention)"),
+        ("base weights", base),
+        ("adapter", f"{a.method} r={a.r} alpha={a.alpha:g} scale={scale:.4g}{' (rsLoRA)' if a.rslora else ''} "
+                    f"dropout={a.dropout:g}"),
+        ("precision", f"{t.precision}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"),
+    ]
+    m = plan.model
+    if m is not None:
+        rows += [
+            ("model config", m.source),
+            ("targets", f"{len(m.targets)} modules: {_targets_summary(m.targets)}"),
+            ("parameters", f"{_num(m.adapter_params)} trainable / {_num(m.total_params)} total "
+                           f"({100 * m.adapter_params / max(m.total_params, 1):.3f}%)"),
+        ]
+    for label, counts in (("train data", plan.train_data), ("eval data", plan.eval_data)):
+        for d in counts:
+            rows.append((label, f"{d.path} ({d.format}): {d.rows if d.rows is not None else '?'} rows {d.note}"))
+    if cfg.data.eval_fraction:
+        rows.append(("eval data", f"{cfg.data.eval_fraction:.1%} of train, held out (seed {t.seed})"))
+    global_batch = t.batch_size * t.grad_accum * plan.world_size
+    rows.append(("batch", f"{t.batch_size} per device × {t.grad_accum} accumulation × {plan.world_size} process(es) "
+                          f"= {global_batch} {'packed rows' if cfg.data.packing else 'examples'} of ≤ "
+                          f"{cfg.data.max_length} tokens"))
+    if plan.steps_per_epoch is not None:
+        bound = "≤ " if cfg.data.packing else ""
+        rows.append(("steps", f"{bound}{plan.steps_per_epoch} per epoch"
+                              + (" (packing merges rows: fewer)" if cfg.data.packing else "")))
+    if plan.total_steps is not None:
+        why = f"train.max_steps" if t.max_steps is not None else f"{t.epochs} epoch(s)"
+        rows.append(("total steps", f"{'≤ ' if cfg.data.packing and t.max_steps is None else ''}"
+                                    f"{plan.total_steps} ({why})"))
+    if plan.memory:
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.memory.items())
+        rows.append(("memory (est.)", f"{sum(plan.memory.values()) / GiB:.2f} GiB per device = {parts} GiB"))
+    rows.append(("output", cfg.output.dir))
+    return rows
