@@ -31,7 +31,7 @@ lint:
 	$(BIN)/ruff format --check lorafit tests scripts
 
 smoke:
-	$(BIN)/lorafit validate configs/tiny-quickstart.yaml
+	$(BIN)/lorafit validate configs/llama-8b-qlora.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
