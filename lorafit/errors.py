@@ -45,7 +45,10 @@ class RunDirError(LorafitError):
 
 
 class TrainingStopped(Exception):
-    """Training stopped early on purpose (signal). Carries the process exit code."""
+    """Training stopped before the end: a signal (exit 130, checkpoint saved) or a NaN/inf loss (exit 1).
+
+    Not a bug, so the CLI prints the message alone, without a traceback.
+    """
 
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)

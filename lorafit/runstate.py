@@ -1,0 +1,196 @@
+"""The run directory and resume state: `config.yaml`, `checkpoints/step-NNNNNN/`, the final `adapter/`.
+
+A checkpoint is written into `checkpoints/.tmp-step-NNNNNN/` and renamed when complete, so the newest
+`step-*` folder is always whole: a run killed mid-save leaves only a `.tmp-*` folder, which the next start removes.
+Each checkpoint holds the trainable weights (exact names), a PEFT-format adapter, the optimizer and scheduler
+state, every process's RNG states, and progress (step, tokens, metrics so far).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lorafit.config import Config, config_diff
+from lorafit.errors import ConfigError, RunDirError
+
+CHECKPOINTS = "checkpoints"
+MIN_FREE_BYTES = 256 * 1024**2  # refuse to start with less free disk than this in output.dir
+
+
+# ------------------------------------------------------------------------------------------------ run dir
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
+    """Create (or, with `resume`, check) the run directory and write `config.yaml`. Main process only.
+
+    Raises:
+        RunDirError: the folder holds another run (without --resume), has nothing to resume, or is not writable.
+        ConfigError: --resume with a config that differs from the run's; the differing keys are named.
+    """
+    config_file = run_dir / "config.yaml"
+    if resume:
+        if not config_file.is_file():
+            raise RunDirError(f"{run_dir}: no run to resume here (no config.yaml); start without --resume")
+        old = yaml.safe_load(config_file.read_text())
+        changed = config_diff(old, cfg.model_dump(mode="json"))
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the run's {config_file} in: {', '.join(changed)}; "
+                              f"resume with the same config, or train into a new output.dir")
+        if newest_checkpoint(run_dir) is None:
+            raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; start again without --resume")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"output.dir {run_dir} already holds files; add --resume to continue that run, or choose "
+                          f"another folder (output.dir=... on the command line)")
+    _check_writable(run_dir)
+    for tmp in (run_dir / CHECKPOINTS).glob(".tmp-*"):  # a save that was killed half-way
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not resume:
+        config_file.write_text(cfg.to_yaml())
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"output.dir {run_dir} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise RunDirError(f"output.dir {run_dir}: only {free / 1024**2:.0f} MiB free on its disk; checkpoints need "
+                          f"more. Free some space or choose another output.dir")
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = sorted((run_dir / CHECKPOINTS).glob("step-*"), key=lambda p: p.name)
+    found = [p for p in found if (p / "state.json").is_file()]
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler, progress, keep: int) -> Path:
+    """Write `checkpoints/step-NNNNNN/` atomically (all processes call this; rank 0 writes the shared parts)."""
+    from safetensors.torch import save_file
+
+    final = run_dir / CHECKPOINTS / f"step-{progress.step:06d}"
+    tmp = run_dir / CHECKPOINTS / f".tmp-step-{progress.step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(_trainable_state(unwrapped), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": progress.step, "tokens": progress.tokens, "elapsed": progress.elapsed,
+                 "world_size": accelerator.num_processes, "metrics": progress.metrics}
+        (tmp / "state.json").write_text(json.dumps(state))  # last file in: its presence marks a complete save
+        _fsync_dir(tmp)
+        if final.exists():  # a step saved twice (interrupt right on a save_every step): the newer wins
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _rotate(run_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _rotate(run_dir: Path, keep: int) -> None:
+    done = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def load_training_state(run_dir: Path, model, optimizer, scheduler, rank: int):
+    """Restore weights, optimizer, scheduler, this process's RNG and progress from the newest checkpoint.
+
+    Also rewrites `metrics.jsonl` to what it held at that checkpoint, so rows logged after it are not duplicated.
+    """
+    from safetensors.torch import load_file
+
+    from lorafit.train import Progress
+
+    ckpt = newest_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; start again without --resume")
+    state = json.loads((ckpt / "state.json").read_text())
+    weights = load_file(ckpt / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise RunDirError(f"{ckpt}: checkpoint weights do not fit this model (e.g. {missing[0]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    rng_file = ckpt / f"rng-{rank}.pt"
+    if not rng_file.is_file():
+        raise RunDirError(f"{ckpt}: saved by {state['world_size']} process(es); resume with the same number")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    metrics = state["metrics"]
+    if rank == 0:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return Progress(step=state["step"], tokens=state["tokens"], elapsed=state["elapsed"], metrics=metrics)
+
+
+def save_final_adapter(run_dir: Path, cfg: Config, model, tokenizer) -> Path:
+    """The run's `adapter/` folder in PEFT format, with the tokenizer and lorafit's config beside it."""
+    from lorafit.checkpoint import save_adapter
+
+    a = cfg.adapter
+    base = cfg.model.path
+    if Path(base).is_dir():
+        base = str(Path(base).resolve())
+    out = run_dir / "adapter"
+    save_adapter(model, out, base_model_name_or_path=base, r=a.r, alpha=a.alpha, dropout=a.dropout,
+                 targets=a.targets, rslora=a.rslora, dora=a.method == "dora", tokenizer=tokenizer)
+    (out / "lorafit.yaml").write_text(cfg.to_yaml())  # merge and eval read quantization settings from here
+    return out

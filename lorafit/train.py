@@ -1,0 +1,279 @@
+"""`lorafit train`: build, set up, train, clean up — read top to bottom in `run_training`.
+
+The loss of one optimizer step is normalized by the supervised tokens of the whole global batch (every micro-step
+of every process), so gradient accumulation and data parallelism give the same update as one large batch:
+each micro-batch contributes sum(token losses) / global_tokens, and DDP's gradient average is undone by scaling
+with the world size.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit import runstate, schedule
+from lorafit.config import Config, LoadedConfig
+from lorafit.errors import LorafitError, TrainingStopped
+
+PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+@dataclass
+class Progress:
+    """Where the run is. Saved in every checkpoint; a resumed run continues from exactly here."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # supervised tokens seen (all processes)
+    elapsed: float = 0.0  # seconds of training before this process started
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def _make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    _check_trackers(cfg.train.trackers)
+    precision = PRECISION[cfg.train.precision]
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise LorafitError("train.precision: fp16 needs a CUDA GPU (no grad scaling on the CPU); use bf16 or fp32")
+    return Accelerator(mixed_precision=precision, log_with=cfg.train.trackers or None,
+                       project_dir=cfg.output.dir, step_scheduler_with_optimizer=False)
+
+
+def _check_trackers(trackers: list[str]) -> None:
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+    missing = [t for t in trackers if importlib.util.find_spec(packages[t]) is None]
+    if missing:
+        raise LorafitError(f"train.trackers: {', '.join(missing)} is not installed; "
+                           f"pip install {' '.join(packages[t] for t in missing)} (or remove it from train.trackers)")
+
+
+def _build_model(cfg: Config, accelerator):
+    from lorafit.lora import attach_lora
+    from lorafit.model import load_model, load_tokenizer, prepare_for_kbit_training
+
+    tokenizer = load_tokenizer(cfg.model)
+    device_map = {"": accelerator.device} if cfg.model.quantization is not None else None
+    model = load_model(cfg.model, device_map=device_map)
+    prepare_for_kbit_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    a = cfg.adapter
+    wrapped = attach_lora(model, a.targets, a.exclude, r=a.r, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
+                          dora=a.method == "dora")
+    return model, tokenizer, wrapped
+
+
+def _build_optimizer(cfg: Config, model):
+    from lorafit.lora import param_groups
+
+    t = cfg.train
+    groups = param_groups(model, lr=t.lr, weight_decay=t.weight_decay, lora_plus_ratio=t.lora_plus_ratio)
+    if t.optimizer == "adamw":
+        fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" and torch.cuda.is_available() \
+        else bnb.optim.AdamW8bit  # paged memory exists on CUDA only
+    return cls(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _lr_scheduler(cfg: Config, optimizer, total_steps: int):
+    warm = schedule.warmup_steps(cfg.train.warmup, total_steps)
+    kind = cfg.train.scheduler
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule.lr_factor(step, total_steps, warm, kind))
+
+
+# ------------------------------------------------------------------------------------------------ one step
+
+
+def _forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed token loss of one micro-batch and its number of supervised tokens."""
+    from lorafit.data import causal_lm_loss
+
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits
+    return causal_lm_loss(logits, labels)
+
+
+def _count_tokens(batches: list[dict[str, torch.Tensor]], accelerator) -> int:
+    """Supervised tokens in this step's micro-batches across all processes (targets are labels shifted by one)."""
+    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
+    return int(total.item())
+
+
+def _train_step(model, optimizer, batches, accelerator, max_grad_norm) -> tuple[float, float, int]:
+    """One optimizer step over this process's micro-batches. Returns (mean token loss, grad norm, global tokens)."""
+    global_tokens = _count_tokens(batches, accelerator)
+    if global_tokens == 0:
+        raise LorafitError("a training batch has no supervised token; check the data audit (lorafit data CONFIG)")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                token_loss_sum, _ = _forward_loss(model, batch)
+            # DDP averages gradients over processes; scaling by world size turns that average into a sum.
+            accelerator.backward(token_loss_sum * accelerator.num_processes / global_tokens)
+            loss_sum += token_loss_sum.detach().float()
+    if max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = accelerator.reduce(loss_sum, reduction="sum").item() / global_tokens
+    return loss, float(grad_norm), global_tokens
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
+    """Train the adapter `loaded.config` describes. Returns the run directory.
+
+    Raises:
+        LorafitError: bad input (config, data, run directory) — exit 2.
+        TrainingStopped: interrupted by SIGINT/SIGTERM after saving a checkpoint — exit 130.
+        TrainingStopped: NaN/inf loss or gradient — exit 1, last good checkpoint kept.
+    """
+    from lorafit.data import build_datasets, collate
+    from lorafit.evaluate import evaluate_loss
+    from lorafit.reporting import RunReporter
+
+    cfg = loaded.config
+    accelerator = _make_accelerator(cfg)
+    run_dir = Path(cfg.output.dir)
+    if accelerator.is_main_process:
+        runstate.prepare_run_dir(run_dir, cfg, resume=resume)
+    accelerator.wait_for_everyone()
+    _seed_everything(cfg.train.seed + accelerator.process_index)
+
+    model, tokenizer, wrapped = _build_model(cfg, accelerator)
+    train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    t = cfg.train
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * world)
+    total_steps = t.max_steps or per_epoch * t.epochs
+    optimizer = _build_optimizer(cfg, model)
+    scheduler = _lr_scheduler(cfg, optimizer, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.gradient_checkpointing:
+        model.train()
+
+    progress = Progress()
+    if resume:
+        progress = runstate.load_training_state(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
+                                                  rank=rank)
+    reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
+                           model=accelerator.unwrap_model(model))
+    stop = _install_signal_handlers()
+    started = time.perf_counter() - progress.elapsed
+    try:
+        while progress.step < total_steps:
+            epoch, step_in_epoch = divmod(progress.step, per_epoch)
+            order = schedule.epoch_order(len(train_rows), t.seed, epoch)
+            ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, rank, world)
+            batches = [collate([train_rows[i] for i in mb], pad_id=tokenizer.pad_token_id) for mb in ids]
+            model.train()
+            loss, grad_norm, tokens = _train_step(model, optimizer, batches, accelerator, t.max_grad_norm)
+            _check_finite(loss, grad_norm, progress.step + 1, run_dir, skip_grad=accelerator.optimizer_step_was_skipped)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            progress.step += 1
+            progress.tokens += tokens
+            progress.elapsed = time.perf_counter() - started
+            row = {"step": progress.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": progress.tokens}
+            reporter.step(row, log=progress.step % t.log_every == 0 or progress.step == total_steps)
+            if t.eval_every and progress.step % t.eval_every == 0 and progress.step < total_steps and eval_rows:
+                reporter.eval(progress.step, evaluate_loss(model, eval_rows, accelerator, t.batch_size,
+                                                           pad_id=tokenizer.pad_token_id))
+            due = t.save_every and progress.step % t.save_every == 0 and progress.step < total_steps
+            if due or stop.requested:
+                progress.metrics = reporter.metrics
+                runstate.save_training_state(run_dir, accelerator, model, optimizer, scheduler, progress,
+                                               keep=t.keep_checkpoints)
+            if stop.requested:
+                raise TrainingStopped(f"interrupted at step {progress.step}: checkpoint saved; continue with "
+                                      f"lorafit train {loaded.path} --resume", exit_code=130)
+        final_eval = evaluate_loss(model, eval_rows, accelerator, t.batch_size, pad_id=tokenizer.pad_token_id) \
+            if eval_rows else None
+        if final_eval is not None:
+            reporter.eval(progress.step, final_eval)
+        progress.metrics = reporter.metrics
+        if accelerator.is_main_process:
+            runstate.save_final_adapter(run_dir, cfg, accelerator.unwrap_model(model), tokenizer)
+        accelerator.wait_for_everyone()
+        reporter.finish(loaded.path)
+    finally:
+        stop.restore()
+        accelerator.end_training()
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------ guards
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, run_dir: Path, skip_grad: bool) -> None:
+    bad = "loss" if not math.isfinite(loss) else ("gradient norm" if not math.isfinite(grad_norm) and not skip_grad
+                                                   else None)
+    if bad is None:
+        return
+    last = runstate.newest_checkpoint(run_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    raise TrainingStopped(f"the {bad} became {loss if bad == 'loss' else grad_norm} at step {step}; stopped. "
+                           f"{kept}. Try a lower train.lr, train.precision fp32, or train.max_grad_norm 1.0", exit_code=1)
+
+
+@dataclass
+class _StopFlag:
+    requested: bool = False
+    previous: dict[int, Any] = field(default_factory=dict)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _install_signal_handlers() -> _StopFlag:
+    """First SIGINT/SIGTERM: finish the step, save a checkpoint, exit 130. A second SIGINT stops at once."""
+    flag = _StopFlag()
+
+    def on_signal(signum, _frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop now)",
+              flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            flag.previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread (e.g. inside some notebook runners): no graceful stop
+            pass
+    return flag
