@@ -102,6 +102,24 @@ def train(
 
 
 @app.command()
+def data(
+    config: Path = ConfigArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    examples: int = typer.Option(3, "--examples", min=0, help="How many rendered examples to show."),
+) -> None:
+    """Show what training will see: rendered examples with supervised tokens highlighted, token lengths,
+    packing efficiency, and the label audit.
+
+    Example:  lorafit data configs/tiny-quickstart.yaml --examples 5
+    """
+    from lorafit.data import print_data_report
+    from lorafit.model import load_tokenizer
+
+    loaded = _load(config, overrides)
+    print_data_report(loaded.config, load_tokenizer(loaded.config.model), _console(), n_examples=examples)
+
+
+@app.command()
 def merge(
     source: Path = typer.Argument(..., help="A run directory or an adapter directory.", show_default=False,
                                   metavar="RUN_OR_ADAPTER_DIR"),

@@ -90,18 +90,15 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorafit.lora import find_targets
+    from lorafit.lora import find_targets, lora_param_count
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
     a = cfg.adapter
     targets = find_targets(model, a.targets, a.exclude)
     modules = dict(model.named_modules())
-    adapter_params = 0
-    for name in targets:
-        layer = modules[name]  # (out, in) weight
-        adapter_params += a.r * (layer.in_features + layer.out_features)
-        adapter_params += layer.out_features if a.method == "dora" else 0  # DoRA's magnitude vector
+    adapter_params = sum(lora_param_count(modules[n].in_features, modules[n].out_features, a.r, a.method == "dora")
+                         for n in targets)
     head = model.get_output_embeddings()
     quantizable = sum(m.weight.numel() for m in modules.values()
                       if isinstance(m, torch.nn.Linear) and m is not head)

@@ -1,0 +1,185 @@
+"""The training loop end to end on a tiny Llama: learning, accumulation equivalence, resume, signals, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafit.cli import main
+
+WORDS = ["stone", "river", "cloud", "apple", "green", "house", "light", "water", "table", "night", "bread", "chair"]
+
+
+def write_task(path: Path, n: int = 48) -> Path:
+    """A learnable task: repeat a word twice."""
+    rows = [{"instruction": "Repeat the word twice.", "input": WORDS[i % len(WORDS)],
+             "output": f"{WORDS[i % len(WORDS)]} {WORDS[i % len(WORDS)]}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_config(tmp_path: Path, model_dir: Path, name: str = "run", **train) -> Path:
+    data = write_task(tmp_path / "task.jsonl")
+    train_keys = {"batch_size": 4, "grad_accum": 1, "lr": 5e-3, "max_steps": 6, "warmup": 0, "precision": "fp32",
+                  "gradient_checkpointing": False, "log_every": 1, "seed": 7, **train}
+    train_yaml = "\n".join(f"  {k}: {v}" for k, v in train_keys.items())
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""
+        model:
+          path: {model_dir}
+          dtype: float32
+        adapter:
+          r: 4
+          alpha: 12
+          dropout: 0.0
+        data:
+          train:
+            - path: {data}
+              format: alpaca
+          max_length: 64
+          packing: false
+        output:
+          dir: {tmp_path / name}
+    """) + "train:\n" + train_yaml + "\n")
+    return path
+
+
+def train(config: Path, *args: str) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(config), *args])
+    return info.value.code
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_run_dir_is_complete(tmp_path, tiny_model_dir, capsys):
+    config = make_config(tmp_path, tiny_model_dir, max_steps=30, lr=1e-2, eval_every=10)
+    config.write_text(config.read_text().replace("  packing: false", "  packing: false\n  eval_fraction: 0.1"))
+    assert train(config) == 0
+    run = tmp_path / "run"
+    rows = [m for m in metrics(run) if "loss" in m]
+    assert len(rows) == 30 and rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed", "memory_gib"} <= set(rows[0])
+    evals = [m for m in metrics(run) if "eval_loss" in m]
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    assert (run / "config.yaml").is_file() and (run / "loss.png").stat().st_size > 1000
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}
+    out = capsys.readouterr().out
+    assert "lorafit eval" in out and "lorafit merge" in out
+
+
+def test_accumulation_equals_one_large_batch(tmp_path, tiny_model_dir):
+    big = make_config(tmp_path, tiny_model_dir, name="big", batch_size=4, grad_accum=1, max_steps=3)
+    acc = make_config(tmp_path, tiny_model_dir, name="acc", batch_size=1, grad_accum=4, max_steps=3)
+    assert train(big) == 0 and train(acc) == 0
+    a, b = adapter_tensors(tmp_path / "big"), adapter_tensors(tmp_path / "acc")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # the adapter actually trained
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir, capsys):
+    config = make_config(tmp_path, tiny_model_dir, max_steps=1)
+    assert train(config) == 0
+    before = adapter_tensors(tmp_path / "run")
+    capsys.readouterr()
+    assert train(config) == 2
+    assert "already holds files; add --resume" in capsys.readouterr().err
+    after = adapter_tensors(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_changed_config_refuses_to_resume(tmp_path, tiny_model_dir, capsys):
+    config = make_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2)
+    assert train(config) == 0
+    capsys.readouterr()
+    assert train(config, "--resume", "train.lr=1e-3", "adapter.r=8") == 2
+    err = capsys.readouterr().err
+    assert "differs from the run's" in err and "adapter.r, train.lr" in err
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import lorafit.data
+
+    real = lorafit.data.causal_lm_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss, n = real(logits, labels)
+        return (loss * float("nan"), n) if calls["n"] == 4 else (loss, n)
+
+    monkeypatch.setattr(lorafit.data, "causal_lm_loss", poisoned)
+    config = make_config(tmp_path, tiny_model_dir, max_steps=6, save_every=2)
+    assert train(config) == 1
+    err = capsys.readouterr().err
+    assert "loss became nan at step 4" in err and "step-000002" in err and "Traceback" not in err
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert (ckpt / "state.json").is_file() and not (tmp_path / "run" / "adapter").exists()
+
+
+def _spawn(config: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(config), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    # dropout on, so the resumed run must restore RNG state to match
+    common = dict(max_steps=40, save_every=4, batch_size=2)
+    straight = make_config(tmp_path, tiny_model_dir, name="straight", **common)
+    killed = make_config(tmp_path, tiny_model_dir, name="killed", **common)
+    for cfg in (straight, killed):
+        cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
+    assert train(straight) == 0
+    proc = _spawn(killed)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "step-000008" / "state.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it was killed"
+    assert train(killed, "--resume") == 0
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [m["step"] for m in metrics(tmp_path / "killed") if "loss" in m]
+    assert steps == list(range(1, 41))  # no step lost or logged twice
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, max_steps=100000, batch_size=1)
+    proc = _spawn(config)
+    _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "state.json").is_file()
