@@ -118,22 +118,34 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         return weight.detach()
     functional = _bnb().functional
     if type(layer).__name__ == "Linear8bitLt":
+        # The row scales live on the weight until the first forward, then bitsandbytes moves them to layer.state.
         scales = getattr(weight, "SCB", None)
-        if scales is None:  # not quantized yet (has_fp16_weights or still on the meta device)
+        if scales is None:
+            scales = getattr(getattr(layer, "state", None), "SCB", None)
+        if scales is None and weight.dtype != torch.int8:  # not quantized (has_fp16_weights, or meta device)
             return weight.detach()
         return functional.int8_vectorwise_dequant(weight.data, scales)
-    data, state = weight.data, weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks 4-bit weights for its CPU kernel at the first eval forward; undo it on a copy.
-        data, state = functional._convert_weight_packed_for_cpu_inverse(data.clone(), _copy_state(state))
+    data, state = _unpacked_4bit(weight.data, weight.quant_state)
     return functional.dequantize_4bit(data, state)
 
 
-def _copy_state(state):
-    """A shallow copy of a bitsandbytes QuantState, so an inverse repack does not touch the layer's own."""
+def _unpacked_4bit(data: torch.Tensor, state):
+    """The standard (packed codes, QuantState) of a 4-bit weight, undoing bitsandbytes' CPU repack on copies.
+
+    At the first eval forward on an AVX512-BF16 CPU, bitsandbytes reorders the codes for its kernel and replaces
+    the block scales by a bf16 (K/blocksize, N) table (de-nesting double quant). Its own inverse leaves that
+    table transposed, so the scales are restored here: the result is the weight the CPU kernel computes with.
+    """
     import copy
 
-    return copy.copy(state)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return data, state
+    state = copy.copy(state)  # the inverse writes into the state it is given; keep the layer's own intact
+    absmax = state.absmax.T.reshape(-1).float()  # (K/bs, N) -> (N * K/bs,): blocks run along each row
+    state.original_nested = False  # stop the inverse from re-quantizing the scales; they are set below
+    data, state = _bnb().functional._convert_weight_packed_for_cpu_inverse(data, state)
+    state.absmax, state.nested, state.state2, state.offset = absmax, False, None, None
+    return data, state
 
 
 def quantize_roundtrip(weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = False,
