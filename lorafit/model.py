@@ -1,0 +1,237 @@
+"""The base model and tokenizer: full precision, or 4-bit / 8-bit through bitsandbytes (QLoRA), and k-bit training
+preparation.
+
+Pad token choice: a tokenizer without one reuses its `unk` token (or, failing that, another special token that is
+not EOS/BOS) so the vocabulary, and the model's embeddings, never change size. Only when no such token exists is a
+dedicated ``<|pad|>`` added, and `load_model(..., tokenizer=tok)` then resizes the embeddings to match. EOS is
+never the pad token: data.py masks labels by its own masks, and a pad equal to EOS would invite someone to mask
+the EOS a model must learn to emit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import ModelConfig, QuantizationConfig
+from lorafit.errors import ModelLoadError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+ADDED_PAD_TOKEN = "<|pad|>"
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a model comes from, checked: a local directory or a hub id."""
+
+    path: str
+    revision: str | None
+    trust_remote_code: bool
+    local: bool
+
+
+def _source(path: str, revision: str | None, trust_remote_code: bool) -> _Source:
+    """Decide local dir vs hub id; a path that looks local but does not exist is an error here, not in HF."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"model.path: {path} is a file; give the model's folder (with config.json)")
+        return _Source(str(p), revision, trust_remote_code, local=True)
+    looks_local = path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or "\\" in path
+    if looks_local:
+        raise ModelLoadError(f"model.path: {path} does not exist (a local folder was expected; "
+                             f"a hub id looks like org/name)")
+    return _Source(path, revision, trust_remote_code, local=False)
+
+
+def _load_error(what: str, src: _Source, exc: Exception) -> ModelLoadError:
+    """One message for a failed from_pretrained: what failed, why, and what to do."""
+    if src.local:
+        return ModelLoadError(f"model.path: cannot load the {what} from {src.path}: {_first_line(exc)}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    hint = ("HF_HUB_OFFLINE is set and it is not in the local cache: download it once online "
+            "(huggingface-cli download " + src.path + ") or point model.path at a local folder"
+            if offline else "check the hub id, model.revision, your network, and access rights (huggingface-cli login)")
+    rev = f" (revision {src.revision})" if src.revision else ""
+    return ModelLoadError(f"model.path: cannot load the {what} {src.path!r}{rev}: {_first_line(exc)}\n{hint}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _as_config(cfg: ModelConfig | str, overrides: dict[str, Any]) -> ModelConfig:
+    """Accept a ModelConfig or a path plus keyword values; a bad value is a ModelLoadError."""
+    if isinstance(cfg, ModelConfig):
+        if overrides:
+            raise TypeError("pass either a ModelConfig or a path with keyword settings, not both")
+        return cfg
+    from pydantic import ValidationError
+
+    try:
+        return ModelConfig(path=str(cfg), **overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ModelLoadError(f"model settings: {problems} (dtype: {', '.join(DTYPES)}; "
+                             f"attention: {', '.join(ATTENTION)}; quantization bits: 4 or 8)") from None
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig | str, **settings: Any):
+    """The base model's tokenizer, with a pad token that is never EOS (see the module docstring).
+
+    Args:
+        cfg: a ModelConfig, or a hub id / local folder.
+        **settings: with a path: revision, trust_remote_code.
+
+    Returns:
+        A transformers tokenizer.
+
+    Raises:
+        ModelLoadError: the path does not exist or the tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    mc = _as_config(cfg, settings)
+    src = _source(mc.path, mc.revision, mc.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error("tokenizer", src, e) from None
+    ensure_pad_token(tok)
+    return tok
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Give `tokenizer` a pad token if it has none (or if it is EOS): its unk token, else a new ``<|pad|>``.
+
+    Returns:
+        True when a token was added to the vocabulary (the model's embeddings must then be resized).
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    unk = tokenizer.unk_token
+    if unk is not None and unk not in (tokenizer.eos_token, tokenizer.bos_token):
+        tokenizer.pad_token = unk  # unk never appears in byte-level BPE output, so padding with it is unambiguous
+        return False
+    tokenizer.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
+    return True
+
+
+def align_model_with_tokenizer(model, tokenizer) -> None:
+    """Resize the input/output embeddings if the tokenizer grew, and record its pad id in the model's configs."""
+    vocab = len(tokenizer)
+    if vocab > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def quantization_config(q: QuantizationConfig | None):
+    """transformers' BitsAndBytesConfig for a quantization section (None: full precision)."""
+    if q is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+
+
+def _default_device_map(quantized: bool):
+    """bitsandbytes layers must be placed at load: this process's GPU, or the CPU (which bnb >= 0.49 runs)."""
+    import torch
+
+    if not quantized:
+        return None
+    if torch.cuda.is_available():
+        return {"": torch.cuda.current_device()}
+    return "cpu"
+
+
+def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, **settings: Any):
+    """The base causal LM, frozen-ready: full precision, or 4/8-bit through bitsandbytes.
+
+    Args:
+        cfg: a ModelConfig, or a hub id / local folder.
+        device_map: passed to from_pretrained; None places a quantized model on this process's GPU (or the CPU).
+        tokenizer: when given, embeddings are resized to it and its pad id recorded (`align_model_with_tokenizer`).
+        **settings: with a path: revision, dtype, attention, trust_remote_code, quantization (a dict).
+
+    Returns:
+        The model in eval mode (training code switches it to train).
+
+    Raises:
+        ModelLoadError: path not found, hub id not available (e.g. offline and not cached), bad settings.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    mc = _as_config(cfg, settings)
+    src = _source(mc.path, mc.revision, mc.trust_remote_code)
+    quant = quantization_config(mc.quantization)
+    if device_map is None:
+        device_map = _default_device_map(quant is not None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, revision=src.revision, trust_remote_code=src.trust_remote_code, dtype=getattr(torch, mc.dtype),
+            attn_implementation=mc.attention, quantization_config=quant, device_map=device_map)
+    except ImportError as e:  # e.g. flash_attention_2 without flash-attn, or bitsandbytes missing
+        raise ModelLoadError(f"model: {_first_line(e)}") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error("model", src, e) from None
+    if tokenizer is not None:
+        align_model_with_tokenizer(model, tokenizer)
+    model.eval()
+    return model
+
+
+def prepare_for_kbit_training(model, gradient_checkpointing: bool = True, upcast_norms: bool = False):
+    """Make a (quantized or not) base ready for adapter training.
+
+    Freezes every base parameter. With gradient checkpointing, turns it on non-reentrant and makes the
+    embeddings' output require grad, so each checkpointed block has an input that carries grad.
+
+    `upcast_norms` casts the small 1-D parameters a quantized base keeps unquantized (norm weights, biases) to fp32,
+    as PEFT does. It is off by default: Llama-family norms already compute their statistics in fp32, and an fp32
+    norm weight promotes every activation after it to fp32 (twice the activation memory) and makes a bf16 output
+    head fail unless the forward runs under autocast. Turn it on only for training under autocast.
+
+    Args:
+        model: a transformers causal LM.
+        gradient_checkpointing: enable activation checkpointing.
+        upcast_norms: cast 1-D half-precision parameters of a quantized model to fp32.
+
+    Returns:
+        The same model.
+    """
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if upcast_norms and getattr(model, "hf_quantizer", None) is not None:
+        for p in model.parameters():
+            if p.ndim == 1 and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}  # reentrant checkpointing needs an input with grad and breaks with DDP
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+        model.config.use_cache = False  # the KV cache is useless in training and warns under checkpointing
+    return model
