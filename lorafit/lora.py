@@ -323,8 +323,9 @@ def _device_of(layer: nn.Module) -> torch.device:
 # ------------------------------------------------------------------------------------------------ targets
 
 
-def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every linear layer (bnb's 4/8-bit layers subclass nn.Linear), skipping LoRA internals."""
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every unwrapped linear layer (bnb's 4/8-bit layers subclass nn.Linear); LoRA wrappers
+    and their insides are skipped."""
     wrapped = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
     out = []
     for name, module in model.named_modules():
@@ -359,7 +360,7 @@ def find_targets(model: nn.Module, targets: str | list[str], exclude: Iterable[s
         TargetNotFoundError: nothing matched, or a listed suffix matched no linear module; the message lists
             the kinds of linear modules the model has.
     """
-    linear = _linear_modules(model)
+    linear = linear_modules(model)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if targets == "all-linear":

@@ -1,0 +1,261 @@
+"""Adapter files in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` (+ tokenizer files).
+
+Saving is atomic: everything is written to a temporary folder beside the target and renamed into place, so a
+crash never leaves a half-written adapter where a complete one is expected. Loading accepts adapters saved by
+lorafit or by PEFT (LoRA and DoRA, target_modules as a list or a regex, alpha_pattern / rank_pattern).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafit.errors import RunDirError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def _peft_config(wrapped: list[str], all_linear: list[str], *, base_model_name_or_path: str | None, r: int,
+                 alpha: float, dropout: float, rslora: bool, dora: bool) -> dict[str, Any]:
+    """adapter_config.json as PEFT writes it (the keys its LoraConfig needs to rebuild the same layers).
+
+    target_modules: the wrapped suffixes (q_proj, ...) when those select exactly the wrapped modules, the usual
+    case; else (e.g. a regex that picked some layers only) a regex PEFT fullmatches against the exact names.
+    """
+    suffixes = sorted({name.rpartition(".")[2] for name in wrapped})
+    covered = [n for n in all_linear if any(n == s or n.endswith("." + s) for s in suffixes)]
+    targets: list[str] | str = suffixes if covered == wrapped else "(" + "|".join(map(re.escape, wrapped)) + ")"
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
+        "exclude_modules": None, "use_rslora": rslora, "use_dora": dora, "bias": "none", "lora_bias": False,
+        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+
+
+def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None, r: int, alpha: float,
+                 dropout: float, targets: str | list[str], rslora: bool = False, dora: bool = False,
+                 tokenizer=None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter folder, atomically (an existing folder is replaced only
+    once the new one is complete).
+
+    Args:
+        model: a model with LoRA layers (unwrapped from DDP / Accelerate).
+        out_dir: the adapter folder to create or replace.
+        base_model_name_or_path: recorded for PEFT and for `lorafit merge`.
+        r, alpha, dropout, rslora, dora: the adapter's settings, recorded in adapter_config.json.
+        targets: the user's target spec; only used to explain an error when nothing is wrapped.
+        tokenizer: when given, its files (and chat template) are saved beside the adapter.
+
+    Returns:
+        The adapter folder.
+    """
+    from safetensors.torch import save_file
+
+    from lorafit.lora import lora_layers, lora_state_dict
+
+    wrapped = list(lora_layers(model))
+    if not wrapped:
+        raise RunDirError(f"cannot save an adapter: the model has no LoRA layers (targets {targets!r})")
+    config = _peft_config(wrapped, _all_linear(model),
+                          base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
+                          rslora=rslora, dora=dora)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return write_dir_atomically(Path(out_dir), write)
+
+
+def _all_linear(model) -> list[str]:
+    """Names of every linear layer, counting a LoRA wrapper under its own name, in model order."""
+    from lorafit.lora import linear_modules, lora_layers
+
+    names = set(lora_layers(model)) | {n for n, _ in linear_modules(model)}
+    return [n for n, _ in model.named_modules() if n in names]
+
+
+def write_dir_atomically(out_dir: Path, write) -> Path:
+    """Call `write(tmp)` on a fresh folder beside `out_dir`, then put it in `out_dir`'s place.
+
+    The old folder (if any) is moved aside, the new one renamed in, and only then the old one deleted; on any
+    failure the temporary folder is removed and the old folder is left (or put back) where it was.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = None
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rpartition('-')[2]}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)  # same parent, so a rename: atomic on POSIX
+    except BaseException:
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+@dataclass
+class AdapterSettings:
+    """What `load_adapter` read and attached."""
+
+    r: int
+    alpha: float
+    dropout: float
+    rslora: bool
+    dora: bool
+    base_model_name_or_path: str | None
+    target_modules: list[str] | str | None
+    wrapped: list[str] = field(default_factory=list)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """adapter_config.json of a PEFT/lorafit LoRA adapter, checked for the keys lorafit needs.
+
+    Raises:
+        RunDirError: the folder or file is missing, not JSON, not a LoRA adapter, or lacks r / lora_alpha.
+    """
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not Path(adapter_dir).is_dir():
+        raise RunDirError(f"{adapter_dir}: no such adapter folder")
+    if not path.is_file():
+        raise RunDirError(f"{adapter_dir}: not an adapter folder ({CONFIG_NAME} is missing)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path}: expected a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise RunDirError(f"{path}: peft_type is {config['peft_type']!r}; lorafit loads LoRA and DoRA adapters only")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), int | float) or config[key] <= 0:
+            raise RunDirError(f"{path}: {key} must be a positive number (got {config.get(key)!r})")
+    unsupported = [f"{k}={config[k]!r}" for k, ok in _SUPPORTED.items() if k in config and not ok(config[k])]
+    if unsupported:
+        raise RunDirError(f"{path}: {', '.join(unsupported)} is not supported by lorafit (plain LoRA/DoRA on linear "
+                          f"layers, no bias, no modules_to_save); load it with PEFT instead")
+    return config
+
+
+_SUPPORTED = {  # adapter_config.json keys lorafit cannot honour unless they have their neutral value
+    "bias": lambda v: v in (None, "none"),
+    "lora_bias": lambda v: not v,
+    "fan_in_fan_out": lambda v: not v,
+    "modules_to_save": lambda v: not v,
+    "layer_replication": lambda v: not v,
+    "trainable_token_indices": lambda v: not v,
+}
+
+
+def _read_tensors(adapter_dir: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    if (adapter_dir / WEIGHTS_NAME).is_file():
+        try:
+            return load_file(str(adapter_dir / WEIGHTS_NAME))
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise RunDirError(f"{adapter_dir / WEIGHTS_NAME}: cannot be read ({e})") from None
+    if (adapter_dir / LEGACY_WEIGHTS_NAME).is_file():
+        return torch.load(adapter_dir / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    raise RunDirError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rank/alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _group_by_module(tensors: dict) -> dict[str, dict[str, Any]]:
+    """{module name: {"lora_A": t, "lora_B": t, ["lora_magnitude_vector": t]}} from PEFT-named tensors."""
+    from lorafit.errors import LorafitError
+    from lorafit.lora import split_adapter_key
+
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        try:
+            name, kind = split_adapter_key(key)
+        except LorafitError as e:
+            raise RunDirError(str(e)) from None
+        grouped.setdefault(name, {})[kind] = tensor
+    return grouped
+
+
+def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None) -> AdapterSettings:
+    """Attach the LoRA layers an adapter folder describes (lorafit or PEFT format) and load their weights.
+
+    Which modules are wrapped is read off the tensor names, so PEFT's list / regex / all-linear target_modules
+    all work; each layer's rank comes from its A matrix, its alpha from alpha_pattern or lora_alpha.
+
+    Args:
+        model: the base model, without LoRA layers (full precision or quantized).
+        adapter_dir: the adapter folder.
+        dropout: adapter dropout for further training; default: the saved lora_dropout.
+
+    Returns:
+        The adapter's settings and the wrapped module names.
+
+    Raises:
+        RunDirError: missing or malformed files, or modules the model does not have.
+        LorafitError: tensor shapes that do not fit the model.
+    """
+    from lorafit.lora import load_lora_state_dict, lora_layers, wrap_module
+
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    grouped = _group_by_module(_read_tensors(adapter_dir))
+    if not grouped:
+        raise RunDirError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")
+    if lora_layers(model):
+        raise RunDirError("the model already has LoRA layers; load an adapter into a fresh base model")
+    modules = dict(model.named_modules())
+    missing = [n for n in grouped if n not in modules]
+    if missing:
+        more = " ..." if len(missing) > 3 else ""
+        raise RunDirError(f"{adapter_dir}: the adapter adapts {', '.join(missing[:3])}{more}, which this model "
+                          f"does not have (the adapter's base: {config.get('base_model_name_or_path')})")
+    rslora = bool(config.get("use_rslora", False))
+    drop = float(config.get("lora_dropout", 0.0) or 0.0) if dropout is None else dropout
+    for p in model.parameters():
+        p.requires_grad_(False)  # as attach_lora: only the adapter trains
+    for name, parts in grouped.items():
+        if "lora_A" not in parts:
+            raise RunDirError(f"{adapter_dir}: no lora_A tensor for {name}")
+        r = int(parts["lora_A"].shape[0])  # (r, in): rank_pattern needs no lookup
+        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
+        dora = "lora_magnitude_vector" in parts
+        wrap_module(model, name, r=r, alpha=alpha, dropout=drop, rslora=rslora, dora=dora)
+    load_lora_state_dict(model, {f"{n}.{k}": t for n, parts in grouped.items() for k, t in parts.items()})
+    return AdapterSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=drop, rslora=rslora,
+                           dora=bool(config.get("use_dora", False)),
+                           base_model_name_or_path=config.get("base_model_name_or_path"),
+                           target_modules=config.get("target_modules"), wrapped=list(grouped))
