@@ -258,4 +258,4 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
     return AdapterSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=drop, rslora=rslora,
                            dora=bool(config.get("use_dora", False)),
                            base_model_name_or_path=config.get("base_model_name_or_path"),
-                           target_modules=config.get("target_modules"), wrapped=list(grouped))
+                           target_modules=config.get("target_modules"), wrapped=list(lora_layers(model)))

@@ -222,6 +222,7 @@ class LoraLinear(nn.Module):
         self._dora_factor: torch.Tensor | None = None  # m / n used by merge, needed again by unmerge
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        self.train(base_layer.training)  # a wrapper added to an eval-mode model must not start dropping out
         self.reset_parameters()
         if dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))

@@ -216,6 +216,12 @@ def test_lora_state_dict_uses_peft_names_and_shapes(vocab):
     assert len(sd) == 2 * 2 * 3
 
 
+def test_wrapper_follows_the_models_train_or_eval_mode(vocab):
+    model = build_tiny_llama(vocab)  # in eval mode
+    attach_lora(model, ["q_proj"], r=R, alpha=ALPHA, dropout=0.5)
+    assert not any(m.training for m in lora_layers(model).values())
+
+
 def test_dropout_applies_in_training_only():
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(32, 32), r=R, alpha=ALPHA, dropout=0.5)
