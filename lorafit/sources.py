@@ -1,0 +1,123 @@
+"""What a folder given to `merge`, `eval` or `generate` holds, and the base model and tokenizer that go with it.
+
+Three kinds of folder are accepted:
+
+- a run directory (`output.dir`): `config.yaml` + `adapter/` (the adapter's `lorafit.yaml` holds the same config);
+- an adapter directory: `adapter_config.json` + weights, with `lorafit.yaml` when lorafit wrote it. A PEFT adapter
+  has no `lorafit.yaml`: its base is `base_model_name_or_path`, loaded in full precision (plain LoRA);
+- a model directory (`config.json` + weights, e.g. the output of `lorafit merge`), for `generate` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.config import Config, ModelConfig, load_config
+from lorafit.errors import RunDirError
+
+ADAPTER_CONFIG = "adapter_config.json"
+LORAFIT_CONFIG = "lorafit.yaml"  # the resolved lorafit config, saved beside the adapter (and the merged model)
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass
+class Source:
+    """A resolved input folder.
+
+    kind: "run", "adapter" or "model". adapter_dir: None for a model folder. config: the run's lorafit config when
+    known (run folders, lorafit adapters, merged models). model: the base model to load (for a model folder, itself).
+    """
+
+    path: Path
+    kind: str
+    adapter_dir: Path | None
+    config: Config | None
+    model: ModelConfig
+
+    @property
+    def quantization(self):
+        """The QLoRA settings the adapter was trained with, or None (full-precision base)."""
+        return self.model.quantization if self.adapter_dir is not None else None
+
+
+def resolve_source(path: Path, allow_model: bool = False) -> Source:
+    """Find what `path` is and what base model goes with it.
+
+    Args:
+        path: a run, adapter or (with `allow_model`) model folder.
+        allow_model: accept a plain Hugging Face model folder (generate does; merge and eval need an adapter).
+
+    Returns:
+        The resolved source.
+
+    Raises:
+        RunDirError: the folder is missing or holds no adapter (or model); ConfigError: its config is invalid.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"{path}: no such directory")
+    if not path.is_dir():
+        what = "a run, adapter or model directory" if allow_model else "a run or adapter directory"
+        raise RunDirError(f"{path}: is a file; give {what}")
+    if (path / "adapter" / ADAPTER_CONFIG).is_file():
+        config = _read_config(path / RUN_CONFIG) or _read_config(path / "adapter" / LORAFIT_CONFIG)
+        return _adapter_source(path, "run", path / "adapter", config)
+    if (path / ADAPTER_CONFIG).is_file():
+        return _adapter_source(path, "adapter", path, _read_config(path / LORAFIT_CONFIG))
+    if allow_model and (path / "config.json").is_file():
+        config = _read_config(path / LORAFIT_CONFIG)
+        return Source(path, "model", None, config, ModelConfig(path=str(path), dtype="float32"))
+    if (path / RUN_CONFIG).is_file():
+        raise RunDirError(f"{path}: this run has no adapter/ yet (training did not finish); finish it with "
+                          f"lorafit train {path / RUN_CONFIG} --resume, or give an adapter directory")
+    found = "an adapter (adapter_config.json) or a model (config.json)" if allow_model else \
+        "an adapter (adapter/ or adapter_config.json)"
+    raise RunDirError(f"{path}: not a run or adapter directory: it holds no {found}")
+
+
+def _read_config(file: Path) -> Config | None:
+    return load_config(file).config if file.is_file() else None
+
+
+def _adapter_source(path: Path, kind: str, adapter_dir: Path, config: Config | None) -> Source:
+    from lorafit.checkpoint import read_adapter_config
+
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    return Source(path, kind, adapter_dir, config, base_model_config(config, base, adapter_dir))
+
+
+def base_model_config(config: Config | None, base: str | None, adapter_dir: Path) -> ModelConfig:
+    """The base model settings: the run's `model:` section, or a PEFT adapter's base in full precision.
+
+    The run's model.path may be relative to where training ran; the adapter records the absolute folder, so that
+    one is used when the configured path does not exist from here.
+    """
+    if config is None:
+        if not base:
+            raise RunDirError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty and there is no "
+                              f"{LORAFIT_CONFIG}; lorafit cannot tell which base model the adapter belongs to")
+        return ModelConfig(path=base, dtype="float32")  # PEFT adapters without lorafit settings: plain LoRA
+    model = config.model
+    if base and not Path(model.path).expanduser().exists() and Path(base).is_dir():
+        model = model.model_copy(update={"path": base})
+    return model
+
+
+def load_source_tokenizer(source: Source):
+    """The tokenizer used in training: the one saved beside the adapter (or model), else the base model's.
+
+    The run's `data.chat_template` override, when set, becomes the tokenizer's chat template.
+    """
+    from lorafit.model import load_tokenizer
+
+    own = source.adapter_dir or source.path
+    tokenizer = load_tokenizer(str(own)) if (own / "tokenizer_config.json").is_file() else load_tokenizer(source.model)
+    if source.config is not None and source.config.data.chat_template:
+        tokenizer.chat_template = source.config.data.chat_template
+    return tokenizer
+
+
+def is_chat_run(source: Source) -> bool:
+    """True when the run trained on chat data (its first train source has format chat)."""
+    return source.config is not None and source.config.data.train[0].format == "chat"

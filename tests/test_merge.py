@@ -1,0 +1,216 @@
+"""`lorafit merge`: LoRA / rsLoRA / DoRA / QLoRA / PEFT adapters folded into the base reproduce the adapter, the
+saved folder is a plain Hugging Face model, and bad output folders are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rundirs import ALPHA, R, make_run, randomize_adapter
+
+from lorafit.checkpoint import load_adapter
+from lorafit.cli import main
+from lorafit.errors import RunDirError
+from lorafit.merge import MergeVerificationError, merge_adapter, sample_inputs
+
+QLORA = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def _adapter_model(model_dir, adapter_dir):
+    model = _load(model_dir)
+    load_adapter(model, adapter_dir, dropout=0.0)
+    return model.eval()
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def ids(tiny_tokenizer):
+    return torch.tensor([tiny_tokenizer("Reverse the word: stone -> enots. def add(a, b):")["input_ids"]])
+
+
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora"])
+def test_merged_model_reproduces_adapter_logits_when_alpha_differs_from_r(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                        ids, method):
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, dora=method == "dora", rslora=method == "rslora")
+    report = merge_adapter(run, tmp_path / "merged", dtype="float32")
+    expected = _logits(_adapter_model(tiny_model_dir, run / "adapter"), ids)
+    merged = _logits(_load(tmp_path / "merged"), ids)
+    base = _logits(_load(tiny_model_dir), ids)
+    assert _rel(expected, base) > 1e-2  # the adapter really changes the model
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)  # measured: max |diff| ~1e-6
+    assert report.max_rel_diff < 1e-5 and report.layers == 14 and report.adapter_effect > 1e-2
+
+
+def test_saved_model_is_plain_hf_with_tokenizer_template_and_shards(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, fmt="chat")
+    out = tmp_path / "merged"
+    merge_adapter(run, out, dtype="bfloat16", max_shard_size="100KB")
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    keys = [k for s in shards for k in safe_open(str(s), "pt").keys()]
+    assert keys and not any("lora" in k for k in keys)
+    with safe_open(str(shards[0]), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+    model = _load(out)
+    assert not any("lora" in k for k in model.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.chat_template == tiny_tokenizer.chat_template
+    generation = json.loads((out / "generation_config.json").read_text())
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in generation["eos_token_id"]  # a chat model stops at the end of its turn
+    assert not list(tmp_path.glob(".merged.tmp-*"))
+
+
+def test_qlora_merge_equals_adapter_on_dequantized_base_not_on_original(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                        ids):
+    from lorafit.lora import dequantized_weight, is_quantized
+    from lorafit.model import load_model
+
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, quantization=QLORA)
+    report = merge_adapter(run, tmp_path / "merged", dtype="float32")
+    merged = _logits(_load(tmp_path / "merged"), ids)
+
+    # The reference, built independently: bitsandbytes' own 4-bit weights (before any forward), dequantized into
+    # a float32 copy of the base, with the adapter applied unmerged.
+    quantized = load_model(str(tiny_model_dir), dtype="float32", quantization=QLORA)
+    reference = _load(tiny_model_dir)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if is_quantized(module):
+                reference.get_submodule(name).weight.copy_(dequantized_weight(module).float())
+    load_adapter(reference, run / "adapter", dropout=0.0)
+    exact = _logits(reference, ids)
+    naive = _logits(_adapter_model(tiny_model_dir, run / "adapter"), ids)  # the adapter on unquantized weights
+    assert _rel(merged, exact) < 1e-4  # measured ~5e-7
+    assert _rel(merged, naive) > 2e-2  # measured ~8e-2: merging onto the original weights would be wrong
+    assert report.max_rel_diff < 1e-4 and report.tolerance == 1e-2
+    assert 0 < report.kernel_rel_diff < 2e-2  # vs bitsandbytes' CPU kernel; measured ~3e-3
+
+
+def test_peft_saved_adapter_merges_like_peft(tmp_path, tiny_model_dir, ids):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_load(tiny_model_dir), LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True,
+                                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=gen)
+    peft_model.save_pretrained(tmp_path / "peft-adapter")
+    config = json.loads((tmp_path / "peft-adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    expected = _logits(peft_model.merge_and_unload(), ids)
+    report = merge_adapter(tmp_path / "peft-adapter", tmp_path / "merged", dtype="float32")
+    torch.testing.assert_close(_logits(_load(tmp_path / "merged"), ids), expected, rtol=1e-5, atol=1e-5)
+    assert report.layers == 6
+
+
+def test_zero_adapter_warns_and_merges_to_the_base(tmp_path, tiny_model_dir, tiny_tokenizer, ids, capsys):
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, zero=True)
+    report = merge_adapter(run, tmp_path / "merged", dtype="float32")
+    assert "does not change the model" in capsys.readouterr().err
+    assert report.adapter_effect == 0
+    torch.testing.assert_close(_logits(_load(tmp_path / "merged"), ids), _logits(_load(tiny_model_dir), ids))
+
+
+def test_failed_verification_exits_1_and_leaves_nothing(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch,
+                                                         capsys):
+    import lorafit.merge as merge_module
+    from lorafit.lora import lora_layers, unwrap_lora
+
+    def broken_fold(model):  # a merge that drops the adapter: the check must catch it
+        count = len(lora_layers(model))
+        unwrap_lora(model, merge=False)
+        return count
+
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer)
+    monkeypatch.setattr(merge_module, "fold_adapter", broken_fold)
+    with pytest.raises(MergeVerificationError, match="verification failed"):
+        merge_adapter(run, tmp_path / "merged", dtype="float32")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.tmp-*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", str(run), "--out", str(tmp_path / "merged")])
+    assert exit_info.value.code == 1 and "verification failed" in capsys.readouterr().err
+
+
+def test_empty_out_folder_is_used(tmp_path, tiny_model_dir, tiny_tokenizer):
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer)
+    (tmp_path / "merged").mkdir()
+    merge_adapter(run, tmp_path / "merged", dtype="float16")
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+@pytest.fixture
+def run(tmp_path, tiny_model_dir, tiny_tokenizer):
+    return make_run(tmp_path, tiny_model_dir, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "no such directory"),
+    ("no-adapter", "no adapter"),
+    ("not-a-run", "not a run or adapter directory"),
+    ("non-empty-out", "not empty"),
+    ("out-is-input", "is the input folder"),
+    ("out-inside-input", "inside the input folder"),
+])
+def test_bad_inputs_are_one_clear_error_and_exit_2(tmp_path, run, case, needle, capsys):
+    source, out = run, tmp_path / "merged"
+    if case == "missing":
+        source = tmp_path / "nope"
+    elif case == "no-adapter":
+        source = tmp_path / "unfinished"
+        source.mkdir()
+        (source / "config.yaml").write_text((run / "config.yaml").read_text())
+    elif case == "not-a-run":
+        source = tmp_path / "empty"
+        source.mkdir()
+    elif case == "non-empty-out":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "out-is-input":
+        out = run
+    elif case == "out-inside-input":
+        out = run / "merged"
+    with pytest.raises(RunDirError, match=needle) as err:
+        merge_adapter(source, out, dtype="float32")
+    assert "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", str(source), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and needle in captured.err and "Traceback" not in captured.err
+    if case == "non-empty-out":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not (run / "merged").exists()
+
+
+def test_sample_inputs_are_token_ids_of_fixed_texts(tiny_tokenizer):
+    samples = sample_inputs(tiny_tokenizer)
+    assert len(samples) >= 3 and all(s.shape[0] == 1 and s.shape[1] >= 2 for s in samples)
+    assert torch.equal(samples[0], sample_inputs(tiny_tokenizer)[0])
+
+
+def test_randomized_adapter_differs_from_zero(tiny_model):  # guards the fixtures the tests above rely on
+    from lorafit.lora import attach_lora, lora_layers
+
+    attach_lora(tiny_model, "all-linear", r=R, alpha=ALPHA)
+    randomize_adapter(tiny_model)
+    assert all(layer.lora_B.weight.abs().sum() > 0 for layer in lora_layers(tiny_model).values())
