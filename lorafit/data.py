@@ -6,7 +6,7 @@ The training loop uses four names::
     batch = collate([train_rows[i] for i in ids], pad_id=tokenizer.pad_token_id,
                     flatten=cfg.model.attention == "flash_attention_2")
     labels = batch.pop("labels")
-    loss_sum, n_tokens = causal_lm_loss(model(**batch).logits, labels)
+    loss_sum, n_tokens = causal_lm_loss(model(**batch, use_cache=False).logits, labels)
 
 - A source (`DataSource`) is a local .jsonl/.json/.csv/.parquet/.txt file, a folder of them (sorted), or a hub
   dataset id (`datasets.load_dataset(path, split=...)`). `.txt` files give one `text` row per non-empty line.
@@ -22,7 +22,8 @@ The training loop uses four names::
   `masking_utils.create_causal_mask` (Llama, Qwen2, Mistral, ...) detect packed sequences from `position_ids` when
   no 2-D mask is given and build a block-diagonal causal mask (sdpa, eager, flex). flash_attention_2 only does so
   for a batch of one row, so pass `flatten=True` there: the batch becomes one (1, total) row and transformers
-  derives `cu_seqlens` from the position ids. Passing an `attention_mask` would switch packed detection off.
+  derives `cu_seqlens` from the position ids. Two things switch packed detection off, so avoid them: passing an
+  `attention_mask`, and a KV cache: call the model with `use_cache=False` (transformers makes a cache by default).
 - The tokenized examples are cached per source under `$LORAFIT_CACHE` (default `~/.cache/lorafit`), keyed by the
   files' size and mtime, the tokenizer and every setting that changes the tokens.
 - `build_datasets` refuses (DataError) data in which no token is trained, or in which a supervised format never
@@ -708,7 +709,8 @@ def collate(rows: list[Row], pad_id: int | None = None, flatten: bool = False) -
 
     Returns:
         {"input_ids", "labels", "position_ids"}, each (B, T) int64; labels -100 on padding. There is deliberately
-        no attention_mask: with one, transformers stops reading packed sequences from position_ids.
+        no attention_mask: with one, transformers stops reading packed sequences from position_ids. Call the
+        model with use_cache=False for the same reason.
     """
     import torch
 
