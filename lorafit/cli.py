@@ -50,7 +50,10 @@ def _root(
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:  # logs and pipes: long paths stay on one line instead of being cut
+        console.width = max(console.width, 160)
+    return console
 
 
 def _load(config: Path, overrides: list[str] | None):

@@ -139,7 +139,7 @@ class Config(_Section):
     output: OutputConfig
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------------------------------- loading the YAML

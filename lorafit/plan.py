@@ -221,8 +221,8 @@ def print_plan(console: Any, loaded: LoadedConfig, plan: Plan, show_config: bool
         console.print(f"[bold]Resolved config[/] ({loaded.path})")
         console.print(Syntax(cfg.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
     table = Table(title="Plan", show_header=False, title_justify="left", box=None, padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in _plan_rows(cfg, plan):
         table.add_row(key, value)
     console.print(table)

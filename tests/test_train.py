@@ -17,6 +17,21 @@ from safetensors.torch import load_file
 
 from lorafit.cli import main
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama whose output head is large enough to express a learned answer.
+
+    With the default init (std 0.02) a 64-wide model's logits span about ±1, so no adapter can push the loss far
+    below log(vocab); std 0.3 leaves room to learn.
+    """
+    from conftest import build_tiny_llama
+
+    path = tmp_path_factory.mktemp("learnable-llama")
+    build_tiny_llama(len(tiny_tokenizer), initializer_range=0.3).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 WORDS = ["stone", "river", "cloud", "apple", "green", "house", "light", "water", "table", "night", "bread", "chair"]
 
 
@@ -30,7 +45,7 @@ def write_task(path: Path, n: int = 48) -> Path:
 
 def make_config(tmp_path: Path, model_dir: Path, name: str = "run", **train) -> Path:
     data = write_task(tmp_path / "task.jsonl")
-    train_keys = {"batch_size": 4, "grad_accum": 1, "lr": 5e-3, "max_steps": 6, "warmup": 0, "precision": "fp32",
+    train_keys = {"batch_size": 4, "grad_accum": 1, "lr": 1e-2, "max_steps": 6, "warmup": 0, "precision": "fp32",
                   "gradient_checkpointing": False, "log_every": 1, "seed": 7, **train}
     train_yaml = "\n".join(f"  {k}: {v}" for k, v in train_keys.items())
     path = tmp_path / f"{name}.yaml"
@@ -46,7 +61,7 @@ def make_config(tmp_path: Path, model_dir: Path, name: str = "run", **train) -> 
           train:
             - path: {data}
               format: alpaca
-          max_length: 64
+          max_length: 256
           packing: false
         output:
           dir: {tmp_path / name}
@@ -68,8 +83,8 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_falls_and_run_dir_is_complete(tmp_path, tiny_model_dir, capsys):
-    config = make_config(tmp_path, tiny_model_dir, max_steps=30, lr=1e-2, eval_every=10)
+def test_loss_falls_and_run_dir_is_complete(tmp_path, model_dir, capsys):
+    config = make_config(tmp_path, model_dir, max_steps=30, eval_every=10)
     config.write_text(config.read_text().replace("  packing: false", "  packing: false\n  eval_fraction: 0.1"))
     assert train(config) == 0
     run = tmp_path / "run"
@@ -84,9 +99,9 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, tiny_model_dir, capsys):
     assert "lorafit eval" in out and "lorafit merge" in out
 
 
-def test_accumulation_equals_one_large_batch(tmp_path, tiny_model_dir):
-    big = make_config(tmp_path, tiny_model_dir, name="big", batch_size=4, grad_accum=1, max_steps=3)
-    acc = make_config(tmp_path, tiny_model_dir, name="acc", batch_size=1, grad_accum=4, max_steps=3)
+def test_accumulation_equals_one_large_batch(tmp_path, model_dir):
+    big = make_config(tmp_path, model_dir, name="big", batch_size=4, grad_accum=1, max_steps=3)
+    acc = make_config(tmp_path, model_dir, name="acc", batch_size=1, grad_accum=4, max_steps=3)
     assert train(big) == 0 and train(acc) == 0
     a, b = adapter_tensors(tmp_path / "big"), adapter_tensors(tmp_path / "acc")
     assert a.keys() == b.keys()
@@ -95,8 +110,8 @@ def test_accumulation_equals_one_large_batch(tmp_path, tiny_model_dir):
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # the adapter actually trained
 
 
-def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir, capsys):
-    config = make_config(tmp_path, tiny_model_dir, max_steps=1)
+def test_existing_run_dir_is_not_overwritten(tmp_path, model_dir, capsys):
+    config = make_config(tmp_path, model_dir, max_steps=1)
     assert train(config) == 0
     before = adapter_tensors(tmp_path / "run")
     capsys.readouterr()
@@ -106,8 +121,8 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_changed_config_refuses_to_resume(tmp_path, tiny_model_dir, capsys):
-    config = make_config(tmp_path, tiny_model_dir, max_steps=4, save_every=2)
+def test_changed_config_refuses_to_resume(tmp_path, model_dir, capsys):
+    config = make_config(tmp_path, model_dir, max_steps=4, save_every=2)
     assert train(config) == 0
     capsys.readouterr()
     assert train(config, "--resume", "train.lr=1e-3", "adapter.r=8") == 2
@@ -115,7 +130,7 @@ def test_changed_config_refuses_to_resume(tmp_path, tiny_model_dir, capsys):
     assert "differs from the run's" in err and "adapter.r, train.lr" in err
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, capsys, monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, model_dir, capsys, monkeypatch):
     import lorafit.data
 
     real = lorafit.data.causal_lm_loss
@@ -127,7 +142,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_mod
         return (loss * float("nan"), n) if calls["n"] == 4 else (loss, n)
 
     monkeypatch.setattr(lorafit.data, "causal_lm_loss", poisoned)
-    config = make_config(tmp_path, tiny_model_dir, max_steps=6, save_every=2)
+    config = make_config(tmp_path, model_dir, max_steps=6, save_every=2)
     assert train(config) == 1
     err = capsys.readouterr().err
     assert "loss became nan at step 4" in err and "step-000002" in err and "Traceback" not in err
@@ -152,11 +167,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_dir):
     # dropout on, so the resumed run must restore RNG state to match
     common = dict(max_steps=40, save_every=4, batch_size=2)
-    straight = make_config(tmp_path, tiny_model_dir, name="straight", **common)
-    killed = make_config(tmp_path, tiny_model_dir, name="killed", **common)
+    straight = make_config(tmp_path, model_dir, name="straight", **common)
+    killed = make_config(tmp_path, model_dir, name="killed", **common)
     for cfg in (straight, killed):
         cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
     assert train(straight) == 0
@@ -173,8 +188,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_di
     assert steps == list(range(1, 41))  # no step lost or logged twice
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, tiny_model_dir):
-    config = make_config(tmp_path, tiny_model_dir, max_steps=100000, batch_size=1)
+def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, model_dir):
+    config = make_config(tmp_path, model_dir, max_steps=100000, batch_size=1)
     proc = _spawn(config)
     _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
