@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
+
 from lorafit.config import Config, ModelConfig, load_config
-from lorafit.errors import RunDirError
+from lorafit.errors import ConfigError, RunDirError
 
 ADAPTER_CONFIG = "adapter_config.json"
 LORAFIT_CONFIG = "lorafit.yaml"  # the resolved lorafit config, saved beside the adapter (and the merged model)
@@ -77,7 +80,21 @@ def resolve_source(path: Path, allow_model: bool = False) -> Source:
 
 
 def _read_config(file: Path) -> Config | None:
-    return load_config(file).config if file.is_file() else None
+    """A run's saved, resolved config; None when the file does not exist.
+
+    A saved config passed every check when its run started. If today's cross-field checks refuse it (e.g. an 8-bit
+    run's dump carries the 4-bit-only keys at their defaults), the schema alone decides: a trained run must still
+    merge and evaluate. Schema errors are reported as load_config reports them.
+    """
+    if not file.is_file():
+        return None
+    try:
+        return load_config(file).config
+    except ConfigError as error:
+        try:
+            return Config.model_validate(yaml.safe_load(file.read_text(encoding="utf-8")))
+        except (ValidationError, yaml.YAMLError):
+            raise error from None
 
 
 def _adapter_source(path: Path, kind: str, adapter_dir: Path, config: Config | None) -> Source:
