@@ -408,3 +408,22 @@ def test_report_prints_then_refuses_bad_data(tmp_path, tiny_tokenizer):
 def test_length_histogram_counts_every_example():
     lines = D.length_histogram([1, 2, 16, 16, 9], max_length=16, bins=2)
     assert [line.split()[-1] for line in lines] == ["2", "3"]
+
+
+def test_whole_packed_batch_loss_never_targets_the_next_example(tmp_path, tiny_tokenizer):
+    from conftest import build_tiny_llama
+
+    rows = [{"text": "the quick brown fox " * (i % 3 + 1)} for i in range(6)]  # every token trained
+    examples = one_example(tmp_path, tiny_tokenizer, rows, "text", max_length=64)
+    model = build_tiny_llama(len(tiny_tokenizer))
+    batch = D.collate(D.make_rows(examples, max_length=64, packing=True))
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        packed, n_packed = D.causal_lm_loss(model(**batch, use_cache=False).logits, labels)
+        alone = []
+        for e in examples:
+            one = D.collate([e])
+            one_labels = one.pop("labels")
+            alone.append(D.causal_lm_loss(model(**one, use_cache=False).logits, one_labels))
+    assert n_packed == sum(n for _, n in alone)
+    assert packed.item() == pytest.approx(sum(loss.item() for loss, _ in alone), abs=1e-4)
