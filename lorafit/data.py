@@ -120,6 +120,7 @@ class DataAudit:
     end_trained: int  # ... of which the EOS / end-of-turn token is trained at least once
     packed_rows: int  # rows after packing (== examples without packing)
     slots: int  # packed_rows × max_length: the token slots the rows occupy
+    max_length: int
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -143,7 +144,7 @@ class DataAudit:
 
 
 def _looks_like_path(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.lower().endswith(SUFFIXES) or os.sep + os.sep in path
+    return path.startswith((".", "/", "~")) or path.lower().endswith(SUFFIXES)
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -817,7 +818,7 @@ def make_audit(prepared: Prepared, rows: list[Row], max_length: int) -> DataAudi
         supervised=sum(lab != IGNORE_INDEX for e in prepared.train for lab in e.labels),
         truncated=sum(x.truncated for x in s), dropped_truncated=sum(x.dropped_truncated for x in s),
         dropped_unsupervised=sum(x.dropped_unsupervised for x in s), end_checked=end_checked,
-        end_trained=end_trained, packed_rows=len(rows), slots=len(rows) * max_length,
+        end_trained=end_trained, packed_rows=len(rows), slots=len(rows) * max_length, max_length=max_length,
         warnings=_audit_warnings(end_checked, end_trained, s, max_length))
 
 
@@ -936,7 +937,7 @@ def _audit_table(audit: DataAudit):
                   f"{audit.dropped_unsupervised:,} nothing to train)")
     if audit.end_checked:
         table.add_row("end token trained", f"{audit.end_trained:,} of {audit.end_checked:,} examples")
-    table.add_row("rows", f"{audit.packed_rows:,} of ≤ {audit.slots // max(1, audit.packed_rows):,} tokens, "
+    table.add_row("rows", f"{audit.packed_rows:,} of ≤ {audit.max_length:,} tokens, "
                   f"{audit.packing_efficiency:.1%} of slots hold real tokens")
     return table
 
