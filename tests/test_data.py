@@ -12,6 +12,8 @@ import torch
 
 from lorafit import data as D
 from lorafit.config import Config, DataConfig, DataSource
+from lorafit.data import cache as cache_module
+from lorafit.data import report as report_module
 from lorafit.errors import DataError
 
 CHAT = [
@@ -361,7 +363,7 @@ def test_second_build_reads_the_cache_until_data_or_settings_change(tmp_path, ti
     first = D.prepare_examples(cfg, tiny_tokenizer, seed=0, cache_dir=tmp_path / "c").train
     calls = []
     real = D.tokenize_rows
-    monkeypatch.setattr(D, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cache_module, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert D.prepare_examples(cfg, tiny_tokenizer, seed=0, cache_dir=tmp_path / "c").train == first
     assert calls == []
     D.prepare_examples(cfg_for(path, "completion", train_on_prompt=True), tiny_tokenizer, seed=0,
@@ -390,7 +392,7 @@ def test_report_highlights_trained_tokens_and_shows_the_audit(tmp_path, tiny_tok
     assert "4 of 4 examples" in out and "█" in out and "data ok" in out
     example = D.prepare_examples(cfg, tiny_tokenizer, seed=0, cache_dir=tmp_path / "c").train[0]
     text = D.render_example(tiny_tokenizer, example)
-    highlighted = [text.plain[s.start: s.end] for s in text.spans if s.style == D._TRAINED_STYLE]
+    highlighted = [text.plain[s.start: s.end] for s in text.spans if s.style == report_module.TRAINED_STYLE]
     assert highlighted == ["hello<|im_end|>\n", "1 2 3<|im_end|>\n"]
 
 

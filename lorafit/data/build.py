@@ -1,0 +1,178 @@
+"""The whole pipeline: sources → examples → eval split → rows, and the label audit that may refuse the data."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorafit.data.cache import load_source, tokenizer_fingerprint
+from lorafit.data.formats import IGNORE_INDEX, Example, SourceStats, end_token_ids
+from lorafit.data.packing import Row, make_rows
+from lorafit.errors import DataError
+
+if TYPE_CHECKING:
+    from lorafit.config import DataConfig, DataSource
+
+@dataclass
+class DataAudit:
+    """The label audit of the training set, printed before training and by `lorafit data`."""
+
+    rows: int  # rows read from the train sources (before the eval split)
+    examples: int  # training examples kept
+    eval_examples: int
+    tokens: int  # real tokens in the training examples
+    supervised: int  # tokens with a label (a loss term)
+    truncated: int
+    dropped_truncated: int
+    dropped_unsupervised: int
+    end_checked: int  # examples of supervised formats (alpaca, completion, chat): their end token must be trained
+    end_trained: int  # ... of which the EOS / end-of-turn token is trained at least once
+    packed_rows: int  # rows after packing (== examples without packing)
+    slots: int  # packed_rows × max_length: the token slots the rows occupy
+    max_length: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def supervised_fraction(self) -> float:
+        return self.supervised / self.tokens if self.tokens else 0.0
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Real tokens per slot of max_length in the rows: 1.0 means no padding at all."""
+        return self.tokens / self.slots if self.slots else 0.0
+
+    def __str__(self) -> str:
+        dropped = self.dropped_truncated + self.dropped_unsupervised
+        end = f", end token trained in {self.end_trained}/{self.end_checked}" if self.end_checked else ""
+        return (f"{self.examples:,} train / {self.eval_examples:,} eval examples, {self.tokens:,} tokens, "
+                f"{self.supervised_fraction:.1%} supervised, {self.truncated:,} truncated, {dropped:,} dropped"
+                f"{end}, {self.packed_rows:,} rows ({self.packing_efficiency:.1%} full)")
+
+
+@dataclass
+class Prepared:
+    """Examples before packing, with what the audit needs."""
+
+    train: list[Example]
+    eval: list[Example]
+    stats: list[SourceStats]  # per train source
+    formats: list[str]  # per train source
+    end_ids: list[set[int]]  # per train source: the ids that teach the model to stop
+
+
+def split_eval(n_rows: int, fraction: float, seed: int) -> set[int]:
+    """Row indices (over all train sources, in order) held out for eval: a seeded, order-independent draw."""
+    if fraction <= 0:
+        return set()
+    order = list(range(n_rows))
+    random.Random(seed).shuffle(order)
+    return set(order[: math.ceil(n_rows * fraction)])
+
+
+def _load_all(sources: list[DataSource], tokenizer, data_cfg: DataConfig, cache_dir: Path | None):
+    fp = tokenizer_fingerprint(tokenizer)
+    loaded = [load_source(s, tokenizer, data_cfg, i, cache_dir, fp) for i, s in enumerate(sources)]
+    return [e for examples, _ in loaded for e in examples], [stats for _, stats in loaded]
+
+
+def prepare_examples(data_cfg: DataConfig, tokenizer, *, seed: int, cache_dir: Path | None = None) -> Prepared:
+    """Tokenized train and eval examples (no packing, no refusal): what `build_datasets` and the report share."""
+    train, stats = _load_all(data_cfg.train, tokenizer, data_cfg, cache_dir)
+    eval_examples: list[Example] = []
+    if data_cfg.eval:
+        eval_examples, _ = _load_all(data_cfg.eval, tokenizer, data_cfg, cache_dir)
+    elif data_cfg.eval_fraction > 0:
+        offsets = [sum(s.rows for s in stats[:i]) for i in range(len(stats))]
+        n_rows = sum(s.rows for s in stats)
+        held = split_eval(n_rows, data_cfg.eval_fraction, seed)
+        if len(held) >= n_rows:
+            raise DataError(f"data.eval_fraction: {data_cfg.eval_fraction} of {n_rows} rows leaves no training row")
+        eval_examples = [e for e in train if offsets[e.source] + e.row in held]
+        train = [e for e in train if offsets[e.source] + e.row not in held]
+    formats = [s.format for s in data_cfg.train]
+    end_ids = [end_token_ids(tokenizer, data_cfg.chat_template, chat=f == "chat") for f in formats]
+    return Prepared(train, eval_examples, stats, formats, end_ids)
+
+
+def make_audit(prepared: Prepared, rows: list[Row], max_length: int) -> DataAudit:
+    """Count tokens, trained tokens, truncation, drops and trained end tokens of the training set."""
+    end_checked = end_trained = 0
+    for e in prepared.train:
+        if prepared.formats[e.source] == "text":
+            continue
+        end_checked += 1
+        stop = prepared.end_ids[e.source]
+        end_trained += any(lab in stop for lab in e.labels)
+    s = prepared.stats
+    return DataAudit(
+        rows=sum(x.rows for x in s), examples=len(prepared.train), eval_examples=len(prepared.eval),
+        tokens=sum(len(e.input_ids) for e in prepared.train),
+        supervised=sum(lab != IGNORE_INDEX for e in prepared.train for lab in e.labels),
+        truncated=sum(x.truncated for x in s), dropped_truncated=sum(x.dropped_truncated for x in s),
+        dropped_unsupervised=sum(x.dropped_unsupervised for x in s), end_checked=end_checked,
+        end_trained=end_trained, packed_rows=len(rows), slots=len(rows) * max_length, max_length=max_length,
+        warnings=_audit_warnings(end_checked, end_trained, s, max_length))
+
+
+def _audit_warnings(end_checked: int, end_trained: int, stats: list[SourceStats], max_length: int) -> list[str]:
+    out = []
+    dropped_cut = sum(x.dropped_truncated for x in stats)
+    if dropped_cut:
+        out.append(f"{dropped_cut} row(s) dropped: their whole response lay past data.max_length ({max_length})")
+    empty = sum(x.dropped_unsupervised for x in stats)
+    if empty:
+        out.append(f"{empty} row(s) dropped: nothing to train (e.g. a conversation without an assistant turn)")
+    if 0 < end_trained < end_checked:
+        out.append(f"{end_checked - end_trained} example(s) lose their end token to truncation at data.max_length "
+                   f"({max_length}); those teach the model not to stop")
+    return out
+
+
+def check_audit(audit: DataAudit, max_length: int) -> None:
+    """Refuse data that would train a broken model.
+
+    Raises:
+        DataError: no token is trained, or no example of a supervised format trains its EOS / end-of-turn token.
+    """
+    if audit.supervised == 0:
+        raise DataError(
+            f"no token of the training data is trained ({audit.rows} rows read: {audit.dropped_truncated} lost their "
+            f"response to truncation at data.max_length {max_length}, {audit.dropped_unsupervised} had nothing to "
+            "train). Raise data.max_length, check the columns, or give chat rows an assistant turn; inspect with "
+            "`lorafit data CONFIG`")
+    if audit.end_checked and audit.end_trained == 0:
+        raise DataError(
+            f"the end-of-sequence / end-of-turn token is trained in none of {audit.end_checked} examples, so the "
+            "model would never learn to stop. Either every response is cut at data.max_length "
+            f"({max_length}; raise it) or data.chat_template ends assistant turns without a special token (end them "
+            "with the tokenizer's EOS or end-of-turn token); inspect with `lorafit data CONFIG`")
+
+
+def build_datasets(data_cfg: DataConfig, tokenizer, *, seed: int,
+                   cache_dir: Path | None = None) -> tuple[list[Row], list[Row], DataAudit]:
+    """Train and eval rows ready for `collate`, and the label audit of the training set.
+
+    Args:
+        data_cfg: the config's data section.
+        tokenizer: the model's tokenizer.
+        seed: seeds the `eval_fraction` split.
+        cache_dir: where tokenized sources are cached; default `$LORAFIT_CACHE` or ~/.cache/lorafit.
+
+    Returns:
+        (train rows, eval rows (empty without eval data), audit).
+
+    Raises:
+        DataError: bad sources or rows, or data that fails the audit (see `check_audit`).
+    """
+    prepared = prepare_examples(data_cfg, tokenizer, seed=seed, cache_dir=cache_dir)
+    train = make_rows(prepared.train, data_cfg.max_length, data_cfg.packing)
+    audit = make_audit(prepared, train, data_cfg.max_length)
+    check_audit(audit, data_cfg.max_length)
+    if (data_cfg.eval or data_cfg.eval_fraction > 0) and not any(
+            lab != IGNORE_INDEX for e in prepared.eval for lab in e.labels):
+        raise DataError("the eval data has no trained token (every eval row was dropped or is empty); check data.eval "
+                        "or raise data.eval_fraction")
+    return train, make_rows(prepared.eval, data_cfg.max_length, data_cfg.packing), audit
