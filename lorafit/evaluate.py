@@ -1,11 +1,22 @@
-"""Loss and perplexity on eval data; the training loop's eval and `lorafit eval` both use `evaluate_loss`."""
+"""Loss and perplexity on eval data; the training loop's eval and `lorafit eval` both use `evaluate_loss`.
+
+`lorafit eval` (`evaluate_command`) measures the base model and the adapter on the same eval rows in one run: the
+base by swapping each LoRA wrapper for the layer it wraps (one model load), then optional generation metrics (exact
+match, contains, ROUGE-L) from greedy decoding of the first rows that have reference outputs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from lorafit.errors import DataError, RunDirError
 
 
 @torch.no_grad()
@@ -44,3 +55,296 @@ def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: 
     n = int(tokens.item())
     loss = loss_sum.item() / n if n else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if n else float("nan"), "tokens": n}
+
+
+# ------------------------------------------------------------------------------------------ lorafit eval
+
+
+class _SingleProcess:
+    """The part of an Accelerator that `evaluate_loss` uses, for one process started without a launcher."""
+
+    process_index = 0
+    num_processes = 1
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the model runs in its own dtype; LoRA layers cast their inputs
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """The base model for the duration of the block: each LoRA wrapper is swapped for the layer it wraps (shared
+    weights, nothing copied) and put back afterwards, so base and adapter are measured on one loaded model."""
+    from lorafit.lora import lora_layers
+
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        model.set_submodule(name, layer.base_layer)
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            model.set_submodule(name, layer)
+
+
+def _eval_inputs(source: Path, adapter_dir: Path | None):
+    """(config, adapter folder) for a run folder, a lorafit adapter folder or a config file."""
+    from lorafit.config import load_config
+    from lorafit.sources import ADAPTER_CONFIG, LORAFIT_CONFIG, RUN_CONFIG, read_run_config
+
+    if source.is_file():
+        config = load_config(source).config
+        adapter = adapter_dir or Path(config.output.dir) / "adapter"
+    elif source.is_dir():
+        config = read_run_config(source / RUN_CONFIG) or read_run_config(source / LORAFIT_CONFIG)
+        if config is None:
+            raise RunDirError(f"{source}: not a run directory (no {RUN_CONFIG}); give a run directory or a config file")
+        adapter = adapter_dir or (source / "adapter" if (source / RUN_CONFIG).is_file() else source)
+    else:
+        raise RunDirError(f"{source}: no such run directory or config file")
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise RunDirError(f"{adapter}: no adapter here ({ADAPTER_CONFIG} is missing); train first "
+                          f"(lorafit train CONFIG) or pass --adapter DIR")
+    if not config.data.eval and config.data.eval_fraction <= 0:
+        raise RunDirError(f"{source}: the run has no eval data; add data.eval sources (or data.eval_fraction: 0.05) "
+                          f"to its config and run lorafit eval CONFIG --adapter {adapter}")
+    return config, adapter
+
+
+def _load_for_eval(config, adapter: Path):
+    """The base as trained (quantized for QLoRA) with the adapter attached, its tokenizer, and the Source."""
+    from lorafit.checkpoint import load_adapter, read_adapter_config
+    from lorafit.model import load_model
+    from lorafit.sources import Source, base_model_config, load_source_tokenizer
+
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    src = Source(adapter, "run", adapter, config, base_model_config(config, base, adapter))
+    tokenizer = load_source_tokenizer(src)
+    model = load_model(src.model)
+    if src.model.quantization is None and torch.cuda.is_available():
+        model.to("cuda")
+    load_adapter(model, adapter, dropout=0.0)
+    model.eval()
+    return model, tokenizer, src
+
+
+def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: Path | None = None,
+                     console=None) -> dict[str, Any]:
+    """`lorafit eval`: the base model and the adapter on the same eval data, side by side.
+
+    Args:
+        source: a run directory (its own eval split), a lorafit adapter folder, or a config file (its data, and
+            `output.dir`'s adapter unless `adapter_dir` is given).
+        adapter_dir: the adapter to compare with the base.
+        json_path: also write the results here: {"base": {"loss", "perplexity", "tokens"}, "adapter": {...},
+            "generation": {...}} (generation only when eval rows have reference outputs).
+        console: a rich Console (default: stdout).
+
+    Returns:
+        The results as written to JSON.
+
+    Raises:
+        RunDirError: missing run / adapter, or no eval data. DataError: unusable eval data.
+    """
+    from rich.console import Console
+
+    from lorafit.data import IGNORE_INDEX, make_rows, prepare_examples
+
+    console = console or Console(highlight=False)
+    config, adapter = _eval_inputs(Path(source), Path(adapter_dir) if adapter_dir else None)
+    model, tokenizer, src = _load_for_eval(config, adapter)
+    prepared = prepare_examples(config.data, tokenizer, seed=config.train.seed)
+    rows = make_rows(prepared.eval, config.data.max_length, config.data.packing)
+    if not any(lab != IGNORE_INDEX for r in rows for lab in r.labels):
+        raise DataError("the eval data has no trained token (every eval row was dropped or is empty); check data.eval "
+                        "or raise data.eval_fraction")
+    cases = generation_cases(prepared.eval, tokenizer)
+    stop_ids = _stop_ids(tokenizer, src)
+    accelerator = _SingleProcess(next(model.parameters()).device)
+    results: dict[str, Any] = {}
+    outputs: dict[str, list[str]] = {}
+    for name in ("base", "adapter"):
+        with adapter_disabled(model) if name == "base" else contextlib.nullcontext():
+            results[name] = evaluate_loss(model, rows, accelerator, config.train.batch_size, tokenizer.pad_token_id)
+            outputs[name] = generate_texts(model, tokenizer, cases, stop_ids) if cases else []
+    if cases:
+        results["generation"] = generation_summary(cases, outputs, tokenizer)
+    print_results(console, results, adapter)
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+    return results
+
+
+def _stop_ids(tokenizer, src) -> list[int]:
+    """EOS, plus the end-of-turn tokens of chat runs: where a generated answer ends."""
+    from lorafit.data import end_token_ids
+    from lorafit.sources import is_chat_run
+
+    return sorted(end_token_ids(tokenizer, src.config.data.chat_template, chat=is_chat_run(src)))
+
+
+# ------------------------------------------------------------------------------------- generation metrics
+
+
+GENERATION_ROWS = 32  # eval rows decoded per model: enough for a signal, cheap next to the loss pass
+GENERATION_MARGIN = 16  # new tokens allowed beyond the reference's length
+GENERATION_BATCH = 8
+SHOWN_SAMPLES = 3
+
+
+@dataclass
+class GenerationCase:
+    """One eval example split into the prompt the model sees and the reference answer it was trained on."""
+
+    prompt_ids: list[int]
+    reference: str
+    reference_tokens: int
+
+
+def generation_cases(examples, tokenizer, limit: int = GENERATION_ROWS) -> list[GenerationCase]:
+    """Prompt / reference pairs from tokenized eval examples, at most `limit`.
+
+    The prompt is everything before the first trained token, the reference the first trained span (the response,
+    or the first assistant turn). Examples trained from their start (text rows, train_on_prompt) have no prompt to
+    complete and are skipped.
+    """
+    from lorafit.data import IGNORE_INDEX
+
+    cases = []
+    for e in examples:
+        trained = [i for i, lab in enumerate(e.labels) if lab != IGNORE_INDEX]
+        if not trained or trained[0] <= 1:  # labels[0] is never trained, so 1 means "from the start"
+            continue
+        start = end = trained[0]
+        while end < len(e.labels) and e.labels[end] != IGNORE_INDEX:
+            end += 1
+        reference = tokenizer.decode(e.input_ids[start:end], skip_special_tokens=True).strip()
+        cases.append(GenerationCase(list(e.input_ids[:start]), reference, end - start))
+        if len(cases) == limit:
+            break
+    return cases
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, cases: list[GenerationCase], stop_ids: list[int],
+                   batch_size: int = GENERATION_BATCH) -> list[str]:
+    """Greedy completions of each case's prompt, cut at a stop token or its reference length + margin.
+
+    Prompts are left-padded into batches (with an attention mask) so every row's last prompt token is at the end.
+    """
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    texts = []
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start: start + batch_size]
+        width = max(len(c.prompt_ids) for c in batch)
+        ids = torch.tensor([[pad] * (width - len(c.prompt_ids)) + c.prompt_ids for c in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(c.prompt_ids)) + [1] * len(c.prompt_ids) for c in batch],
+                            device=device)
+        budget = max(c.reference_tokens for c in batch) + GENERATION_MARGIN
+        config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # (B, width + new)
+        for case, row in zip(batch, out[:, width:].tolist(), strict=True):
+            row = row[: case.reference_tokens + GENERATION_MARGIN]
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+            texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return texts
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists (dynamic programming, one row kept)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace tokens: 2·P·R / (P + R) with P, R = LCS / length."""
+    pred, ref = _normalize(prediction).split(), _normalize(reference).split()
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean exact match, contains (the reference appears in the prediction) and ROUGE-L, each in [0, 1]."""
+    n = len(references)
+    if n == 0:
+        return {"exact_match": float("nan"), "contains": float("nan"), "rouge_l": float("nan")}
+    pairs = [(_normalize(p), _normalize(r)) for p, r in zip(predictions, references, strict=True)]
+    return {"exact_match": sum(p == r for p, r in pairs) / n,
+            "contains": sum(bool(r) and r in p for p, r in pairs) / n,
+            "rouge_l": sum(rouge_l(p, r) for p, r in pairs) / n}
+
+
+def generation_summary(cases: list[GenerationCase], outputs: dict[str, list[str]], tokenizer) -> dict[str, Any]:
+    """The JSON's "generation" entry: scores per model and the first few samples side by side."""
+    references = [c.reference for c in cases]
+    samples = [{"prompt": tokenizer.decode(c.prompt_ids, skip_special_tokens=True), "reference": c.reference,
+                "base": outputs["base"][i], "adapter": outputs["adapter"][i]}
+               for i, c in enumerate(cases[:SHOWN_SAMPLES])]
+    return {"rows": len(cases), "decoding": "greedy", "max_new_tokens": f"reference length + {GENERATION_MARGIN}",
+            "base": text_scores(outputs["base"], references),
+            "adapter": text_scores(outputs["adapter"], references), "samples": samples}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _row(table, label: str, base: float, adapter: float, fmt: str, lower_is_better: bool | None) -> None:
+    change = adapter - base
+    colour = ""
+    if lower_is_better is not None and change != 0:
+        colour = "green" if (change < 0) == lower_is_better else "red"
+    shown = f"{change:+{fmt}}" if not colour else f"[{colour}]{change:+{fmt}}[/]"
+    table.add_row(label, f"{base:{fmt}}", f"{adapter:{fmt}}", shown if lower_is_better is not None else "")
+
+
+def print_results(console, results: dict[str, Any], adapter: Path) -> None:
+    """Base and adapter side by side in a table, then a few generations next to their references."""
+    from rich.table import Table
+
+    base, tuned = results["base"], results["adapter"]
+    table = Table(title=f"eval: base vs adapter ({adapter})")
+    for column in ("", "base", "adapter", "change"):
+        table.add_column(column, justify="right" if column else "left")
+    _row(table, "loss", base["loss"], tuned["loss"], ".4f", True)
+    _row(table, "perplexity", base["perplexity"], tuned["perplexity"], ".3f", True)
+    _row(table, "supervised tokens", base["tokens"], tuned["tokens"], ",d", None)
+    generation = results.get("generation")
+    if generation:
+        for key, label in (("exact_match", "exact match"), ("contains", "contains"), ("rouge_l", "ROUGE-L")):
+            _row(table, f"{label} ({generation['rows']} rows)", generation["base"][key], generation["adapter"][key],
+                 ".3f", False)
+    console.print(table)
+    if generation and generation["samples"]:
+        samples = Table(title="generations (greedy)", show_lines=True)
+        for column in ("prompt (end)", "reference", "base", "adapter"):
+            samples.add_column(column, overflow="fold")
+        for s in generation["samples"]:
+            samples.add_row(_tail(s["prompt"]), s["reference"], s["base"], s["adapter"])
+        console.print(samples)
+
+
+def _tail(text: str, n: int = 80) -> str:
+    text = text.strip()
+    return text if len(text) <= n else "…" + text[-n:]

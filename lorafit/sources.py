@@ -64,12 +64,12 @@ def resolve_source(path: Path, allow_model: bool = False) -> Source:
         what = "a run, adapter or model directory" if allow_model else "a run or adapter directory"
         raise RunDirError(f"{path}: is a file; give {what}")
     if (path / "adapter" / ADAPTER_CONFIG).is_file():
-        config = _read_config(path / RUN_CONFIG) or _read_config(path / "adapter" / LORAFIT_CONFIG)
+        config = read_run_config(path / RUN_CONFIG) or read_run_config(path / "adapter" / LORAFIT_CONFIG)
         return _adapter_source(path, "run", path / "adapter", config)
     if (path / ADAPTER_CONFIG).is_file():
-        return _adapter_source(path, "adapter", path, _read_config(path / LORAFIT_CONFIG))
+        return _adapter_source(path, "adapter", path, read_run_config(path / LORAFIT_CONFIG))
     if allow_model and (path / "config.json").is_file():
-        config = _read_config(path / LORAFIT_CONFIG)
+        config = read_run_config(path / LORAFIT_CONFIG)
         return Source(path, "model", None, config, ModelConfig(path=str(path), dtype="float32"))
     if (path / RUN_CONFIG).is_file():
         raise RunDirError(f"{path}: this run has no adapter/ yet (training did not finish); finish it with "
@@ -79,7 +79,7 @@ def resolve_source(path: Path, allow_model: bool = False) -> Source:
     raise RunDirError(f"{path}: not a run or adapter directory: it holds no {found}")
 
 
-def _read_config(file: Path) -> Config | None:
+def read_run_config(file: Path) -> Config | None:
     """A run's saved, resolved config; None when the file does not exist.
 
     A saved config passed every check when its run started. If today's cross-field checks refuse it (e.g. an 8-bit
