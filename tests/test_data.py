@@ -429,3 +429,10 @@ def test_whole_packed_batch_loss_never_targets_the_next_example(tmp_path, tiny_t
             alone.append(D.causal_lm_loss(model(**one, use_cache=False).logits, one_labels))
     assert n_packed == sum(n for _, n in alone)
     assert packed.item() == pytest.approx(sum(loss.item() for loss, _ in alone), abs=1e-4)
+
+
+def test_progress_bar_path_and_string_cache_dir(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(cache_module, "_PROGRESS_ABOVE", 1)  # show the bar even for this small set
+    cfg = cfg_for(write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b c"}]), "text")
+    train, _, audit = D.build_datasets(cfg, tiny_tokenizer, seed=0, cache_dir=str(tmp_path / "c"))
+    assert audit.examples == 2 and list((tmp_path / "c" / "data").glob("*.npz"))

@@ -118,7 +118,7 @@ def load_source(source: DataSource, tokenizer, data_cfg: DataConfig, index: int 
     hub = load_hub(source) if files is None else None
     tokenizer_fp = tokenizer_fp or tokenizer_fingerprint(tokenizer)
     key = cache_key(source, data_cfg, tokenizer_fp, files, getattr(hub, "_fingerprint", None))
-    path = (cache_dir or default_cache_dir()) / "data" / f"{key}.npz"
+    path = Path(cache_dir or default_cache_dir()) / "data" / f"{key}.npz"
     if path.exists() and (cached := _load_cache(path, index)) is not None:
         return cached
     rows = read_source(source, hub)
