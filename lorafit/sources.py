@@ -74,9 +74,10 @@ def resolve_source(path: Path, allow_model: bool = False) -> Source:
     if (path / RUN_CONFIG).is_file():
         raise RunDirError(f"{path}: this run has no adapter/ yet (training did not finish); finish it with "
                           f"lorafit train {path / RUN_CONFIG} --resume, or give an adapter directory")
-    found = "an adapter (adapter_config.json) or a model (config.json)" if allow_model else \
-        "an adapter (adapter/ or adapter_config.json)"
-    raise RunDirError(f"{path}: not a run or adapter directory: it holds no {found}")
+    if allow_model:
+        raise RunDirError(f"{path}: not a run, adapter or model directory: it holds no adapter (adapter/ or "
+                          f"adapter_config.json) and no model (config.json)")
+    raise RunDirError(f"{path}: not a run or adapter directory: it holds no adapter (adapter/ or adapter_config.json)")
 
 
 def read_run_config(file: Path) -> Config | None:
