@@ -6,11 +6,15 @@ dequantize round trip (`lora.quantize_roundtrip`): the merged model then compute
 not what the adapter would do on weights it never saw. The delta itself (LoRA, rsLoRA, DoRA) comes from
 `LoraLinear.merge`, the one merge formula in lorafit.
 
-Verification: the adapter's logits on a few fixed sample texts are taken before merging (adapter unmerged, on the
-same float32 weights), the merged model is saved, reloaded from disk in float32, and its logits must match within a
-tolerance set by the saved dtype. For QLoRA the reference is the adapter on the dequantized base (exact math); the
-difference to the adapter on the real 4/8-bit base (bitsandbytes' kernels) is reported beside it: on the CPU
-bitsandbytes repacks 4-bit weights and computes with bf16 block scales, a few 1e-3 away from the exact math.
+Verification, on a few fixed sample texts, against the adapter's own logits (adapter unmerged, on the same float32
+weights; for QLoRA that is the adapter on the dequantized base, the exact math), in two steps:
+
+1. the merged float32 model, before saving: this checks the merge itself, tightly;
+2. the saved folder, reloaded from disk as users will load it: this checks what was written, with a limit set by the
+   saved dtype, whose rounding of every weight moves the logits by itself.
+
+For QLoRA the difference to the adapter on the real 4/8-bit base (bitsandbytes' kernels) is reported beside them:
+on the CPU bitsandbytes repacks 4-bit weights and computes with bf16 block scales, a few 1e-3 from the exact math.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ SAMPLE_TEXTS = (
 )
 SAMPLE_MAX_TOKENS = 64
 
-# Max relative logit difference (see `max_relative_difference`) allowed between the saved merged model and the
-# adapter. float32 only sees summation-order noise; bfloat16 / float16 add the rounding of every saved weight (8 / 11
-# mantissa bits). Measured on the tiny test Llama (LoRA, rsLoRA, DoRA, and QLoRA nf4/fp4/int8 against the exact
-# dequantized math): float32 ~7e-7, bfloat16 4e-3..7e-3, float16 4e-4..1.4e-3; limits leave headroom for deep
-# models. QLoRA needs no looser limit: its reference is the same round-tripped weights, so the math is exact. The
-# adapter on the real bitsandbytes base is only reported (measured 4e-3..9e-3: CPU kernels, int8's fp16 inputs).
-TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
+# Max relative logit difference (see `max_relative_difference`) allowed vs the adapter. Measured on the tiny test
+# Llama (LoRA, rsLoRA, DoRA, and QLoRA nf4/fp4/int8 against the exact dequantized math): the float32 merge ~7e-7
+# (summation order only). Saved weights add their rounding (8 / 11 mantissa bits): bfloat16 4e-3..1.2e-2, float16
+# 4e-4..1.4e-3, growing with the adapter's size and the model's depth, so those limits only catch a broken save
+# (missing or misnamed tensors move the logits by ~1). QLoRA needs no looser limit: its reference uses the same
+# round-tripped weights. The adapter on the real bitsandbytes base is only reported (measured 4e-3..1e-2).
+MERGE_TOLERANCE = 1e-4
+SAVED_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1, "float16": 2e-2}
 NOOP_EFFECT = 1e-7  # an adapter changing the logits less than this (relative) is treated as all zeros
 
 
@@ -59,8 +64,9 @@ class MergeReport:
     out: Path
     layers: int  # adapter layers folded in
     dtype: str
-    max_rel_diff: float  # merged (from disk) vs the adapter in float32 (on the dequantized base for QLoRA)
-    tolerance: float
+    max_rel_diff: float  # the float32 merge vs the adapter (on the dequantized base for QLoRA)
+    saved_rel_diff: float  # the saved folder, reloaded, vs the same reference
+    saved_tolerance: float
     adapter_effect: float  # adapter vs base: how much the adapter changes the logits
     kernel_rel_diff: float | None = None  # QLoRA: merged vs the adapter on the real bitsandbytes base
 
@@ -242,8 +248,8 @@ def merge_adapter(source: Path, out: Path, dtype: str = "bfloat16", max_shard_si
 
     console = console or Console(highlight=False)
     warn = Console(stderr=True, highlight=False)
-    if dtype not in TOLERANCE:
-        raise LorafitError(f"--dtype {dtype}: must be one of {', '.join(TOLERANCE)}")
+    if dtype not in SAVED_TOLERANCE:
+        raise LorafitError(f"--dtype {dtype}: must be one of {', '.join(SAVED_TOLERANCE)}")
     source, out = Path(source), Path(out)
     src = resolve_source(source)
     check_out_dir(out, source)
@@ -261,7 +267,9 @@ def merge_adapter(source: Path, out: Path, dtype: str = "bfloat16", max_shard_si
         warn.print("[yellow]warning:[/] the adapter does not change the model (all its lora_B weights are zero, e.g. "
                    "saved before any training step): the merged model equals the base model")
     layers = fold_adapter(model)
-    report = MergeReport(out, layers, dtype, float("nan"), TOLERANCE[dtype], effect)
+    report = MergeReport(out, layers, dtype, max_relative_difference(logits_of(model, samples), reference),
+                         float("nan"), SAVED_TOLERANCE[dtype], effect)
+    _check(report.max_rel_diff, MERGE_TOLERANCE, "the merged float32 model", out)
     merged = _write_and_verify(model, tokenizer, src, out, report, samples, reference, max_shard_size)
     if kernel_logits is not None:
         report.kernel_rel_diff = max_relative_difference(merged, kernel_logits)
@@ -283,13 +291,8 @@ def _write_and_verify(model, tokenizer, src: Source, out: Path, report: MergeRep
         del model
         gc.collect()  # the float32 model can be most of the memory; the check reloads the saved copy
         merged = reload_logits(tmp, samples)
-        report.max_rel_diff = max_relative_difference(merged, reference)
-        if not report.max_rel_diff <= report.tolerance:
-            raise MergeVerificationError(
-                f"merge verification failed: the merged model's logits differ from the adapter's by "
-                f"{report.max_rel_diff:.3g} (max relative), above the tolerance {report.tolerance:g} for "
-                f"{report.dtype}; nothing was written to {out}. Try --dtype float32; if it still fails, this is a "
-                f"lorafit bug: run again with --debug and report it")
+        report.saved_rel_diff = max_relative_difference(merged, reference)
+        _check(report.saved_rel_diff, report.saved_tolerance, f"the saved {report.dtype} model", out)
         os.replace(tmp, out)  # an empty `out` is replaced too (rename over an empty directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -297,11 +300,21 @@ def _write_and_verify(model, tokenizer, src: Source, out: Path, report: MergeRep
     return merged
 
 
+def _check(diff: float, tolerance: float, what: str, out: Path) -> None:
+    """Raise MergeVerificationError when `diff` is above `tolerance` (or NaN)."""
+    if not diff <= tolerance:
+        raise MergeVerificationError(
+            f"merge verification failed: {what}'s logits differ from the adapter's by {diff:.3g} (max relative), "
+            f"above the tolerance {tolerance:g}; nothing was written to {out}. If --dtype float32 fails too, this is "
+            f"a lorafit bug: run again with --debug and report it")
+
+
 def _print_report(console, src: Source, report: MergeReport) -> None:
     console.print(f"merged {report.layers} LoRA layers; saved {report.dtype} weights to {report.out}")
     what = "the adapter on the dequantized base (exact math)" if src.quantization else "the adapter"
-    console.print(f"verified: max relative logit difference {report.max_rel_diff:.2e} vs {what} "
-                  f"(tolerance {report.tolerance:g})")
+    console.print(f"verified vs {what}: max relative logit difference {report.max_rel_diff:.2e} for the float32 "
+                  f"merge (tolerance {MERGE_TOLERANCE:g}), {report.saved_rel_diff:.2e} for the saved {report.dtype} "
+                  f"model (tolerance {report.saved_tolerance:g})")
     if report.kernel_rel_diff is not None:
         console.print(f"          {report.kernel_rel_diff:.2e} vs the adapter on the {src.quantization.bits}-bit "
                       f"base as trained (bitsandbytes kernels; differs from exact math by design)")

@@ -39,7 +39,7 @@ def config_dict(run: Path, model_dir: Path, *, data_dir: Path | None = None, fmt
     data_dir = data_dir or run.parent
     rows = ALPACA_ROWS if fmt == "alpaca" else CHAT_ROWS
     train = write_jsonl(data_dir / f"train-{fmt}.jsonl", rows)
-    data = {"train": [{"path": str(train), "format": fmt}], "max_length": 128, "packing": False}
+    data = {"train": [{"path": str(train), "format": fmt}], "max_length": 256, "packing": False}
     if eval_data:
         data["eval"] = [{"path": str(write_jsonl(data_dir / f"eval-{fmt}.jsonl", rows)), "format": fmt}]
     return {

@@ -54,7 +54,8 @@ def test_merged_model_reproduces_adapter_logits_when_alpha_differs_from_r(tmp_pa
     base = _logits(_load(tiny_model_dir), ids)
     assert _rel(expected, base) > 1e-2  # the adapter really changes the model
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)  # measured: max |diff| ~1e-6
-    assert report.max_rel_diff < 1e-5 and report.layers == 14 and report.adapter_effect > 1e-2
+    assert report.max_rel_diff < 1e-5 and report.saved_rel_diff < 1e-5
+    assert report.layers == 14 and report.adapter_effect > 1e-2
 
 
 def test_saved_model_is_plain_hf_with_tokenizer_template_and_shards(tmp_path, tiny_model_dir, tiny_tokenizer):
@@ -105,7 +106,7 @@ def test_qlora_merge_equals_adapter_on_dequantized_base_not_on_original(tmp_path
           f"vs kernel {report.kernel_rel_diff:.2e}")
     assert _rel(merged, exact) < 1e-4  # measured ~5e-7
     assert _rel(merged, naive) > naive_gap  # merging onto the original weights would be measurably wrong
-    assert report.max_rel_diff < 1e-4 and report.tolerance == 1e-4
+    assert report.max_rel_diff < 1e-4 and report.saved_rel_diff < 1e-4 and report.saved_tolerance == 1e-4
     assert 0 < report.kernel_rel_diff < 3e-2  # vs bitsandbytes CPU kernels; measured 5.7e-3 (nf4), 9.7e-3 (int8)
 
 
@@ -136,20 +137,32 @@ def test_zero_adapter_warns_and_merges_to_the_base(tmp_path, tiny_model_dir, tin
     torch.testing.assert_close(_logits(_load(tmp_path / "merged"), ids), _logits(_load(tiny_model_dir), ids))
 
 
+@pytest.mark.parametrize("broken", ["merge", "save"])
 def test_failed_verification_exits_1_and_leaves_nothing(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch,
-                                                         capsys):
+                                                         capsys, broken):
     import lorafit.merge as merge_module
     from lorafit.lora import lora_layers, unwrap_lora
 
-    def broken_fold(model):  # a merge that drops the adapter: the check must catch it
+    def fold_without_merging(model):  # a merge that drops the adapter: the float32 check must catch it
         count = len(lora_layers(model))
         unwrap_lora(model, merge=False)
         return count
 
+    save = merge_module.save_merged
+
+    def save_a_wrong_weight(model, *args, **kwargs):  # a save that writes something else: the reload check catches it
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(3)
+        save(model, *args, **kwargs)
+
     run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer)
-    monkeypatch.setattr(merge_module, "fold_adapter", broken_fold)
-    with pytest.raises(MergeVerificationError, match="verification failed"):
-        merge_adapter(run, tmp_path / "merged", dtype="float32")
+    if broken == "merge":
+        monkeypatch.setattr(merge_module, "fold_adapter", fold_without_merging)
+    else:
+        monkeypatch.setattr(merge_module, "save_merged", save_a_wrong_weight)
+    what = "merged float32 model" if broken == "merge" else "saved bfloat16 model"
+    with pytest.raises(MergeVerificationError, match=f"verification failed: the {what}"):
+        merge_adapter(run, tmp_path / "merged", dtype="bfloat16")
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.tmp-*"))
     with pytest.raises(SystemExit) as exit_info:
         main(["merge", str(run), "--out", str(tmp_path / "merged")])
