@@ -154,6 +154,7 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
     from rich.console import Console
 
     from lorafit.data import IGNORE_INDEX, make_rows, prepare_examples
+    from lorafit.sources import stop_token_ids
 
     console = console or Console(highlight=False)
     config, adapter = _eval_inputs(Path(source), Path(adapter_dir) if adapter_dir else None)
@@ -164,7 +165,7 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
         raise DataError("the eval data has no trained token (every eval row was dropped or is empty); check data.eval "
                         "or raise data.eval_fraction")
     cases = generation_cases(prepared.eval, tokenizer)
-    stop_ids = _stop_ids(tokenizer, src)
+    stop_ids = stop_token_ids(tokenizer, src)
     accelerator = _SingleProcess(next(model.parameters()).device)
     results: dict[str, Any] = {}
     outputs: dict[str, list[str]] = {}
@@ -180,14 +181,6 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
         Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"wrote {json_path}")
     return results
-
-
-def _stop_ids(tokenizer, src) -> list[int]:
-    """EOS, plus the end-of-turn tokens of chat runs: where a generated answer ends."""
-    from lorafit.data import end_token_ids
-    from lorafit.sources import is_chat_run
-
-    return sorted(end_token_ids(tokenizer, src.config.data.chat_template, chat=is_chat_run(src)))
 
 
 # ------------------------------------------------------------------------------------- generation metrics

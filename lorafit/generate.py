@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.sources import Source, is_chat_run, load_source_tokenizer, resolve_source
+from lorafit.sources import Source, is_chat_run, load_source_tokenizer, resolve_source, stop_token_ids
 
 
 def load_generation_model(source: Source):
@@ -53,14 +53,6 @@ def prompt_ids(tokenizer, source: Source, prompt: str) -> list[int]:
     if fmt == "alpaca":
         prompt = alpaca_prompt(prompt, "", source.config.data.prompt_template)
     return list(tokenizer(prompt)["input_ids"])
-
-
-def stop_token_ids(tokenizer, source: Source) -> list[int]:
-    """EOS, plus the end-of-turn tokens for chat runs."""
-    from lorafit.data import end_token_ids
-
-    template = source.config.data.chat_template if source.config is not None else None
-    return sorted(end_token_ids(tokenizer, template, chat=is_chat_run(source)))
 
 
 def generate_command(source: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,

@@ -139,3 +139,11 @@ def load_source_tokenizer(source: Source):
 def is_chat_run(source: Source) -> bool:
     """True when the run trained on chat data (its first train source has format chat)."""
     return source.config is not None and source.config.data.train[0].format == "chat"
+
+
+def stop_token_ids(tokenizer, source: Source) -> list[int]:
+    """Where generated answers end: EOS, plus the end-of-turn tokens (e.g. <|im_end|>) for chat runs."""
+    from lorafit.data import end_token_ids
+
+    template = source.config.data.chat_template if source.config is not None else None
+    return sorted(end_token_ids(tokenizer, template, chat=is_chat_run(source)))

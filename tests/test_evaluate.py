@@ -30,7 +30,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))  # tokenized data never lands in ~/.cache
 
 
-def _train_adapter_briefly(run_dir, model_dir, tokenizer, fmt="alpaca", steps=40):
+def _train_adapter_briefly(run_dir, model_dir, tokenizer, fmt="alpaca", steps=25):
     """A real (tiny) fine-tune with a plain PyTorch loop: the adapter must then beat the base on its data."""
     from transformers import AutoModelForCausalLM
 
