@@ -138,8 +138,17 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig
 
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data, as written to a run's config.yaml (and compared on --resume)."""
+        data = self.model_dump(mode="json")
+        q = data["model"]["quantization"]
+        if q is not None and q["bits"] == 8:  # 4-bit-only keys would make the file fail its own validation
+            for key in ("type", "double_quant", "compute_dtype"):
+                q.pop(key)
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=False, allow_unicode=True)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------------------------------- loading the YAML

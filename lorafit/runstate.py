@@ -40,7 +40,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
         if not config_file.is_file():
             raise RunDirError(f"{run_dir}: no run to resume here (no config.yaml); start without --resume")
         old = yaml.safe_load(config_file.read_text())
-        changed = config_diff(old, cfg.model_dump(mode="json"))
+        changed = config_diff(old, cfg.to_dict())
         if changed:
             raise ConfigError(f"--resume: the config differs from the run's {config_file} in: {', '.join(changed)}; "
                               f"resume with the same config, or train into a new output.dir")
@@ -121,7 +121,8 @@ def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler,
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": progress.step, "tokens": progress.tokens, "elapsed": progress.elapsed,
+        state = {"step": progress.step, "tokens": progress.tokens, "supervised": progress.supervised,
+                 "elapsed": progress.elapsed,
                  "world_size": accelerator.num_processes, "metrics": progress.metrics}
         (tmp / "state.json").write_text(json.dumps(state))  # last file in: its presence marks a complete save
         _fsync_dir(tmp)
@@ -178,7 +179,8 @@ def load_training_state(run_dir: Path, model, optimizer, scheduler, rank: int):
     metrics = state["metrics"]
     if rank == 0:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    return Progress(step=state["step"], tokens=state["tokens"], elapsed=state["elapsed"], metrics=metrics)
+    return Progress(step=state["step"], tokens=state["tokens"], supervised=state["supervised"],
+                    elapsed=state["elapsed"], metrics=metrics)
 
 
 def save_final_adapter(run_dir: Path, cfg: Config, model, tokenizer) -> Path:

@@ -30,7 +30,8 @@ class Progress:
     """Where the run is. Saved in every checkpoint; a resumed run continues from exactly here."""
 
     step: int = 0  # optimizer steps done
-    tokens: int = 0  # supervised tokens seen (all processes)
+    tokens: int = 0  # input tokens processed, padding excluded (all processes)
+    supervised: int = 0  # tokens with a loss term (all processes)
     elapsed: float = 0.0  # seconds of training before this process started
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
@@ -45,7 +46,9 @@ def _make_accelerator(cfg: Config):
     precision = PRECISION[cfg.train.precision]
     if precision == "fp16" and not torch.cuda.is_available():
         raise LorafitError("train.precision: fp16 needs a CUDA GPU (no grad scaling on the CPU); use bf16 or fp32")
-    return Accelerator(mixed_precision=precision, log_with=cfg.train.trackers or None,
+    # cpu=True on a machine without CUDA is what makes accelerate run torchrun's processes as gloo data parallel.
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                       log_with=cfg.train.trackers or None,
                        project_dir=cfg.output.dir, step_scheduler_with_optimizer=False)
 
 
@@ -65,7 +68,7 @@ def _build_model(cfg: Config, accelerator):
 
     tokenizer = load_tokenizer(cfg.model)
     device_map = {"": accelerator.device} if cfg.model.quantization is not None else None
-    model = load_model(cfg.model, device_map=device_map)
+    model = load_model(cfg.model, device_map=device_map, tokenizer=tokenizer)
     prepare_for_kbit_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
     a = cfg.adapter
     wrapped = attach_lora(model, a.targets, a.exclude, r=a.r, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
@@ -107,16 +110,24 @@ def _forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return causal_lm_loss(logits, labels)
 
 
-def _count_tokens(batches: list[dict[str, torch.Tensor]], accelerator) -> int:
-    """Supervised tokens in this step's micro-batches across all processes (targets are labels shifted by one)."""
-    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    total = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
-    return int(total.item())
+def _count_tokens(batches: list[dict[str, torch.Tensor]], real_tokens: int, accelerator) -> tuple[int, int]:
+    """(supervised, input) tokens of this step across all processes, in one reduction.
+
+    A label at position 0 of a row has no token before it to predict it, so it is never a target.
+    """
+    supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    local = torch.tensor([supervised, real_tokens], dtype=torch.long, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    return int(total[0]), int(total[1])
 
 
-def _train_step(model, optimizer, batches, accelerator, max_grad_norm) -> tuple[float, float, int]:
-    """One optimizer step over this process's micro-batches. Returns (mean token loss, grad norm, global tokens)."""
-    global_tokens = _count_tokens(batches, accelerator)
+def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_grad_norm):
+    """One optimizer step over this process's micro-batches.
+
+    Returns:
+        (mean token loss, grad norm, supervised tokens, input tokens), token counts over all processes.
+    """
+    global_tokens, input_tokens = _count_tokens(batches, real_tokens, accelerator)
     if global_tokens == 0:
         raise LorafitError("a training batch has no supervised token; check the data audit (lorafit data CONFIG)")
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -137,7 +148,7 @@ def _train_step(model, optimizer, batches, accelerator, max_grad_norm) -> tuple[
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = accelerator.reduce(loss_sum, reduction="sum").item() / global_tokens
-    return loss, float(grad_norm), global_tokens
+    return loss, float(grad_norm), global_tokens, input_tokens
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -181,6 +192,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
                                                   rank=rank)
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
                            model=accelerator.unwrap_model(model))
+    flatten = cfg.model.attention == "flash_attention_2"  # FA2 reads packed sequences only from a batch of one
     stop = _install_signal_handlers()
     started = time.perf_counter() - progress.elapsed
     try:
@@ -188,17 +200,21 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
             epoch, step_in_epoch = divmod(progress.step, per_epoch)
             order = schedule.epoch_order(len(train_rows), t.seed, epoch)
             ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, rank, world)
-            batches = [collate([train_rows[i] for i in mb], pad_id=tokenizer.pad_token_id) for mb in ids]
+            batches = [collate([train_rows[i] for i in mb], pad_id=tokenizer.pad_token_id, flatten=flatten)
+                       for mb in ids]
+            real = sum(len(train_rows[i]) for mb in ids for i in mb)
             model.train()
-            loss, grad_norm, tokens = _train_step(model, optimizer, batches, accelerator, t.max_grad_norm)
+            loss, grad_norm, supervised, tokens = _train_step(model, optimizer, batches, real, accelerator,
+                                                              t.max_grad_norm)
             _check_finite(loss, grad_norm, progress.step + 1, run_dir, skip_grad=accelerator.optimizer_step_was_skipped)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             progress.step += 1
             progress.tokens += tokens
+            progress.supervised += supervised
             progress.elapsed = time.perf_counter() - started
             row = {"step": progress.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens": progress.tokens}
+                   "tokens": progress.tokens, "supervised_tokens": progress.supervised}
             reporter.step(row, log=progress.step % t.log_every == 0 or progress.step == total_steps)
             if t.eval_every and progress.step % t.eval_every == 0 and progress.step < total_steps and eval_rows:
                 reporter.eval(progress.step, evaluate_loss(model, eval_rows, accelerator, t.batch_size,

@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "LORAFIT_CACHE" not in os.environ:  # tokenized-data cache: never the user's ~/.cache from tests
+    import tempfile
+
+    os.environ["LORAFIT_CACHE"] = tempfile.mkdtemp(prefix="lorafit-test-cache-")
 
 from pathlib import Path  # noqa: E402
 

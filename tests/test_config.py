@@ -294,6 +294,13 @@ def test_config_round_trips_through_its_yaml_dump(tmp_path):
     assert again == cfg
 
 
+def test_8bit_config_round_trips_through_its_yaml_dump(tmp_path):
+    text = minimal_with("model:\n  path: x\n  quantization:\n    bits: 8\n")
+    cfg = load_config(write(tmp_path / "c.yaml", text)).config
+    again = load_config(write(tmp_path / "again.yaml", cfg.to_yaml())).config
+    assert again.to_dict() == cfg.to_dict() and again.model.quantization.bits == 8
+
+
 def test_config_diff_names_dotted_keys():
     old = {"train": {"lr": 1, "epochs": 2}, "adapter": {"r": 8}}
     new = {"train": {"lr": 2, "epochs": 2}, "adapter": {"r": 8, "alpha": 4}}

@@ -1,0 +1,67 @@
+"""Data parallel on the CPU: `torchrun --nproc_per_node 2 -m lorafit train` (gloo) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import (  # noqa: F401  (model_dir is a fixture)
+    _wait_for, adapter_tensors, assert_same_training, make_config, metrics, model_dir, train)
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(config: Path, *args: str, wait: bool = True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lorafit", "train", str(config), *args]
+    # a session of its own, so a test can SIGKILL the launcher and every rank at once
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, model_dir, grad_accum):
+    one = make_config(tmp_path, model_dir, name="one", batch_size=4, grad_accum=grad_accum, max_steps=2)
+    two = make_config(tmp_path, model_dir, name="two", batch_size=2, grad_accum=grad_accum, max_steps=2)
+    assert train(one) == 0
+    out = torchrun(two)
+    assert_same_training(tmp_path / "one", tmp_path / "two", rtol=1e-4)
+    # rank 0 alone writes: one metrics row per step, one summary
+    assert [m["step"] for m in metrics(tmp_path / "two")] == [1, 2]
+    assert out.count("done: 2 steps") == 1
+    # the global token count is the same as one process's
+    assert metrics(tmp_path / "two")[-1]["tokens"] == metrics(tmp_path / "one")[-1]["tokens"]
+
+
+def test_kill_and_resume_under_two_processes_equals_a_straight_run(tmp_path, model_dir):
+    common = dict(max_steps=24, save_every=4, batch_size=1)
+    straight = make_config(tmp_path, model_dir, name="straight", **common)
+    killed = make_config(tmp_path, model_dir, name="killed", **common)
+    for cfg in (straight, killed):
+        cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
+    torchrun(straight)
+    proc = torchrun(killed, wait=False)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "step-000008" / "state.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, as a crashed machine would
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    ckpt = json.loads(sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))[-1].joinpath("state.json")
+                      .read_text())
+    assert ckpt["world_size"] == 2
+    torchrun(killed, "--resume")
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
