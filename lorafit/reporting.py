@@ -90,6 +90,8 @@ class RunReporter:
 
     def _append(self, row: dict[str, Any]) -> None:
         self.metrics.append(row)
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 

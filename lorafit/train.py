@@ -190,6 +190,8 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     if resume:
         progress = runstate.load_training_state(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
                                                   rank=rank)
+    if cfg.train.trackers:
+        accelerator.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
                            model=accelerator.unwrap_model(model))
     flatten = cfg.model.attention == "flash_attention_2"  # FA2 reads packed sequences only from a batch of one
@@ -253,6 +255,17 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config as {"train.lr": 0.0002, ...}: trackers take flat scalar hyperparameters."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def _check_finite(loss: float, grad_norm: float, step: int, run_dir: Path, skip_grad: bool) -> None:

@@ -221,3 +221,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, model_dir):
     assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
     ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "state.json").is_file()
+
+
+def test_qlora_run_with_8bit_optimizer_trains_and_merges(tmp_path, model_dir, capsys):
+    config = make_config(tmp_path, model_dir, max_steps=3, optimizer="adamw_8bit", gradient_checkpointing="true")
+    overrides = ["model.quantization.bits=4", "model.quantization.compute_dtype=float32"]
+    assert train(config, *overrides) == 0
+    adapter = adapter_tensors(tmp_path / "run")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert info.value.code == 0, capsys.readouterr().err
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "merged").iterdir())
+
+
+def test_missing_tracker_package_is_named_before_anything_is_written(tmp_path, model_dir, capsys):
+    config = make_config(tmp_path, model_dir, trackers="[wandb]")
+    assert train(config) == 2
+    assert "train.trackers: wandb is not installed; pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_dir_is_reported_before_training(tmp_path, model_dir, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = make_config(tmp_path, model_dir)
+    assert train(config, f"output.dir={blocker / 'run'}") == 2
+    assert "is not writable" in capsys.readouterr().err
