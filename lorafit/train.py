@@ -43,6 +43,7 @@ def _make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
     _check_trackers(cfg.train.trackers)
+    _check_launcher()
     precision = PRECISION[cfg.train.precision]
     if precision == "fp16" and not torch.cuda.is_available():
         raise LorafitError("train.precision: fp16 needs a CUDA GPU (no grad scaling on the CPU); use bf16 or fp32")
@@ -50,6 +51,17 @@ def _make_accelerator(cfg: Config):
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                        log_with=cfg.train.trackers or None,
                        project_dir=cfg.output.dir, step_scheduler_with_optimizer=False)
+
+
+def _check_launcher() -> None:
+    """accelerate launch with a DeepSpeed config needs the optional deepspeed package: say so before loading."""
+    import importlib.util
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
+            importlib.util.find_spec("deepspeed") is None:
+        raise LorafitError("the launch config asks for DeepSpeed, which is not installed: pip install deepspeed "
+                           "(or launch with configs/accelerate/ddp.yaml or fsdp.yaml)")
 
 
 def _check_trackers(trackers: list[str]) -> None:

@@ -305,3 +305,17 @@ def test_config_diff_names_dotted_keys():
     old = {"train": {"lr": 1, "epochs": 2}, "adapter": {"r": 8}}
     new = {"train": {"lr": 2, "epochs": 2}, "adapter": {"r": 8, "alpha": 4}}
     assert config_diff(old, new) == ["adapter.alpha", "train.lr"]
+
+
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_launch_configs_load_in_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert str(cfg.distributed_type).rsplit(".", 1)[-1] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    assert str(cfg.mixed_precision).rsplit(".", 1)[-1] == "no"  # lorafit's train.precision decides
+    first = path.read_text().splitlines()[:4]
+    assert any("accelerate launch --config_file configs/accelerate/" + path.name in line for line in first)
