@@ -195,8 +195,6 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     optimizer = _build_optimizer(cfg, model)
     scheduler = _lr_scheduler(cfg, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.train.gradient_checkpointing:
-        model.train()
 
     progress = Progress()
     if resume:
@@ -234,11 +232,12 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
                 reporter.eval(progress.step, evaluate_loss(model, eval_rows, accelerator, t.batch_size,
                                                            pad_id=tokenizer.pad_token_id))
             due = t.save_every and progress.step % t.save_every == 0 and progress.step < total_steps
-            if due or stop.requested:
+            stopping = _any_process(stop.requested, accelerator)
+            if due or stopping:
                 progress.metrics = reporter.metrics
                 runstate.save_training_state(run_dir, accelerator, model, optimizer, scheduler, progress,
                                                keep=t.keep_checkpoints)
-            if stop.requested:
+            if stopping:
                 raise TrainingStopped(f"interrupted at step {progress.step}: checkpoint saved; continue with "
                                       f"lorafit train {loaded.path} --resume", exit_code=130)
         final_eval = evaluate_loss(model, eval_rows, accelerator, t.batch_size, pad_id=tokenizer.pad_token_id) \
@@ -267,6 +266,13 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _any_process(flag: bool, accelerator) -> bool:
+    """True on every process if `flag` is set on any: all ranks must save and stop at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum").item())
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

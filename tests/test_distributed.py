@@ -65,3 +65,15 @@ def test_kill_and_resume_under_two_processes_equals_a_straight_run(tmp_path, mod
     a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_under_two_processes_saves_one_checkpoint(tmp_path, model_dir):
+    config = make_config(tmp_path, model_dir, max_steps=100000, batch_size=1)
+    proc = torchrun(config, wait=False)
+    _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler stopping the job does: every process gets it
+    proc.communicate(timeout=120)
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1, "both ranks must agree on the step they stop at"
+    state = json.loads((ckpts[0] / "state.json").read_text())
+    assert state["world_size"] == 2 and {p.name for p in ckpts[0].glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
