@@ -319,3 +319,11 @@ def test_accelerate_launch_configs_load_in_accelerate(path):
     assert str(cfg.mixed_precision).rsplit(".", 1)[-1] == "no"  # lorafit's train.precision decides
     first = path.read_text().splitlines()[:4]
     assert any("accelerate launch --config_file configs/accelerate/" + path.name in line for line in first)
+
+
+def test_every_schema_key_is_documented_in_the_config_reference():
+    from lorafit.config import Config, _all_dotted_keys
+
+    doc = (ROOT / "docs" / "config.md").read_text()
+    missing = [k for k in _all_dotted_keys(Config) if f"`{k}`" not in doc]
+    assert missing == []
