@@ -1,0 +1,148 @@
+"""The training loss without full-vocabulary logits: score only supervised positions, a chunk at a time.
+
+The plain path, ``causal_lm_loss(model(**batch).logits, labels)``, projects every position of every row through the
+output head: a (B, T, V) tensor, copied to fp32 for the cross-entropy and kept (as log-softmax) for the backward.
+For Llama-3 (V = 128,256) at 4 × 2048 tokens that is 4.2 GB of fp32 logits, more than the LoRA activations; and on
+instruction data most positions are prompt tokens whose label is -100, so most of that work is thrown away.
+
+`chunked_causal_lm_loss` instead
+
+1. runs the (possibly DDP-wrapped) model with ``logits_to_keep=1``: the forward goes through the wrapper, so DDP
+   prepares its gradient all-reduce as usual, but the head projects one position per row; a forward hook on the
+   decoder (``base_model``) captures the final hidden states (B, T, H) the head would have seen;
+2. keeps the n positions whose next-token label is supervised (shifted inside, as `causal_lm_loss` does);
+3. projects them through the head in chunks of `chunk_tokens` rows. Each chunk's loss *and* its gradient w.r.t. the
+   chunk's hidden states are computed in the forward pass (`_HeadLoss`), so the chunk's logits are freed at once;
+   the backward only scales the stored (n, H) gradient. The FLOPs equal the plain path's on the kept positions (the
+   head is frozen: no weight gradient) and nothing is recomputed, unlike activation checkpointing of each chunk.
+
+The token loss itself is `lorafit.data.causal_lm_loss` (one formula, one place), fed one kept position per row.
+
+Used only where it is exact: a model family whose forward is ``lm_head(last_hidden_state)`` (no logit scaling or
+soft-capping; `SUPPORTED_MODEL_TYPES`), a head without trainable parameters, and no wrapper other than DDP (FSDP and
+DeepSpeed ZeRO-3 gather the head's weights only inside their own forward). Anything else takes the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+CHUNK_LOGITS = 2**25  # logits per chunk: 128 MiB in fp32, whatever the vocabulary size
+
+# Families whose causal-LM forward is exactly `logits = lm_head(last_hidden_state[slice])` in transformers 5.x.
+# Not Gemma 2/3 (final_logit_softcapping), Cohere (logit_scale), Granite (logits_scaling): their heads rescale.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                                   "phi3", "gemma", "olmo2"})
+
+
+def chunked_causal_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                           chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy and the number of trained tokens, as `lorafit.data.causal_lm_loss` returns.
+
+    Args:
+        model: a transformers causal LM, bare or wrapped in DistributedDataParallel.
+        inputs: the model's inputs (``input_ids``, ``position_ids``, ...), without labels.
+        labels: (B, T) token ids aligned with ``input_ids`` (unshifted), -100 where no loss is taken.
+        chunk_tokens: positions scored per chunk; default keeps each chunk's logits near `CHUNK_LOGITS` elements.
+
+    Returns:
+        (loss summed over trained tokens as a float32 scalar, number of trained tokens).
+    """
+    inner = _unwrap(model)
+    if inner is None or not _supported(inner):
+        return _plain_loss(model, inputs, labels)
+    head = inner.get_output_embeddings()
+    hidden = _final_hidden(model, inner, inputs)  # (B, T, H)
+    targets = labels[:, 1:]  # (B, T-1): the token each position must predict
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    kept_hidden = hidden[:, :-1][keep]  # (n, H)
+    kept_targets = targets[keep]  # (n,)
+    chunk = chunk_tokens or max(1, CHUNK_LOGITS // head.out_features)
+    if kept_hidden.requires_grad and torch.is_grad_enabled():
+        loss = _HeadLoss.apply(kept_hidden, kept_targets, head, chunk)
+    else:  # evaluation: no gradient to keep
+        with torch.no_grad():
+            loss = _score_chunks(kept_hidden, kept_targets, head, chunk)
+    return loss, int(keep.sum())
+
+
+class _HeadLoss(torch.autograd.Function):
+    """sum_chunks token_loss(head(hidden[chunk]), targets[chunk]); the gradient is taken chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)  # (n, H): d(total)/d(hidden)
+        for start in range(0, hidden.size(0), chunk):
+            piece = hidden[start: start + chunk].detach().requires_grad_()
+            with torch.enable_grad():  # autograd is off inside Function.forward; the chunk needs its own graph
+                loss = _token_loss(head(piece), targets[start: start + chunk])
+            grad[start: start + chunk] = torch.autograd.grad(loss, piece)[0]
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def _score_chunks(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.size(0), chunk):
+        total += _token_loss(head(hidden[start: start + chunk]), targets[start: start + chunk])
+    return total
+
+
+def _token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of (n, V) logits against (n,) targets, through `lorafit.data.causal_lm_loss`.
+
+    That function shifts by one inside, so each position becomes a row of two: [its logits, ignored] against
+    [ignored label, its target]. `expand` makes the second logits row a view, not a copy.
+    """
+    from lorafit import data  # looked up per call: the one token-loss formula (tests may wrap it)
+
+    rows = logits.unsqueeze(1).expand(-1, 2, -1)  # (n, 2, V), row t = [logits_t, logits_t]
+    labels = torch.stack([torch.full_like(targets, IGNORE_INDEX), targets], dim=1)  # (n, 2)
+    return data.causal_lm_loss(rows, labels)[0]
+
+
+def _final_hidden(model: nn.Module, inner: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run `model` (through any DDP wrapper) and return the decoder's last hidden state, (B, T, H)."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = inner.base_model.register_forward_hook(grab)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)  # the head sees one position per row
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _unwrap(model: nn.Module) -> nn.Module | None:
+    """The causal LM inside DDP (whose forward must still be called for gradient sync); None for other wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model if hasattr(model, "get_output_embeddings") else None
+
+
+def _supported(model: nn.Module) -> bool:
+    """True when the chunked path is exact for this model (see the module docstring)."""
+    head = model.get_output_embeddings()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return (model_type in SUPPORTED_MODEL_TYPES and isinstance(head, nn.Linear) and model.base_model is not model
+            and not any(p.requires_grad for p in head.parameters()))
+
+
+def _plain_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    from lorafit import data
+
+    return data.causal_lm_loss(model(**inputs, use_cache=False).logits, labels)
