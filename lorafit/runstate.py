@@ -46,7 +46,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
                               f"resume with the same config, or train into a new output.dir")
         if newest_checkpoint(run_dir) is None:
             raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; start again without --resume")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name != "config.yaml" for p in run_dir.iterdir()):
+        # config.yaml alone is what a start that failed before training leaves: nothing to lose by starting over
         raise RunDirError(f"output.dir {run_dir} already holds files; add --resume to continue that run, or choose "
                           f"another folder (output.dir=... on the command line)")
     _check_writable(run_dir)

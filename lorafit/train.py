@@ -114,12 +114,14 @@ def _lr_scheduler(cfg: Config, optimizer, total_steps: int):
 
 
 def _forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed token loss of one micro-batch and its number of supervised tokens."""
-    from lorafit.data import causal_lm_loss
+    """Summed token loss of one micro-batch and its number of supervised tokens.
+
+    Only supervised positions go through the output head, a chunk at a time (`lorafit.loss`): no (B, T, V) logits.
+    """
+    from lorafit.loss import chunked_causal_lm_loss
 
     labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits
-    return causal_lm_loss(logits, labels)
+    return chunked_causal_lm_loss(model, batch, labels)
 
 
 def _count_tokens(batches: list[dict[str, torch.Tensor]], real_tokens: int, accelerator) -> tuple[int, int]:

@@ -144,6 +144,14 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, model_dir, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path, model_dir, capsys):
+    config = make_config(tmp_path, model_dir, max_steps=1)
+    assert train(config, "model.path=/nonexistent/model") == 2
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert train(config) == 0
+    assert "/nonexistent" not in (tmp_path / "run" / "config.yaml").read_text()
+
+
 def test_changed_config_refuses_to_resume(tmp_path, model_dir, capsys):
     config = make_config(tmp_path, model_dir, max_steps=4, save_every=2)
     assert train(config) == 0
