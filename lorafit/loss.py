@@ -126,20 +126,31 @@ def _final_hidden(model: nn.Module, inner: nn.Module, inputs: dict[str, torch.Te
 
 
 def _unwrap(model: nn.Module) -> nn.Module | None:
-    """The causal LM inside DDP (whose forward must still be called for gradient sync); None for other wrappers."""
+    """The causal LM inside DDP (whose forward must still be called for gradient sync); None for other wrappers.
+
+    FSDP and DeepSpeed wrappers forward attribute look-ups to the model, so `hasattr` would find a head there whose
+    weights are only gathered inside the wrapper's forward: only a transformers model itself is accepted.
+    """
     from torch.nn.parallel import DistributedDataParallel
+    from transformers import PreTrainedModel
 
     while isinstance(model, DistributedDataParallel):
         model = model.module
-    return model if hasattr(model, "get_output_embeddings") else None
+    return model if isinstance(model, PreTrainedModel) else None
 
 
 def _supported(model: nn.Module) -> bool:
     """True when the chunked path is exact for this model (see the module docstring)."""
+    from torch.distributed.tensor import DTensor
+
     head = model.get_output_embeddings()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return (model_type in SUPPORTED_MODEL_TYPES and isinstance(head, nn.Linear) and model.base_model is not model
-            and not any(p.requires_grad for p in head.parameters()))
+    if model_type not in SUPPORTED_MODEL_TYPES or not isinstance(head, nn.Linear) or model.base_model is model:
+        return False
+    params = list(head.parameters())
+    # FSDP2 (fully_shard) keeps the model's class but shards its weights into DTensors outside its forward;
+    # ZeRO-3 leaves empty placeholders. A trainable head would need a weight gradient the chunks do not give.
+    return not any(isinstance(p, DTensor) or p.numel() == 0 or p.requires_grad for p in params)
 
 
 def _plain_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, int]:

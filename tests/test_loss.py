@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lorafit import data as D
-from lorafit.loss import chunked_causal_lm_loss
 from lorafit.lora import attach_lora
+from lorafit.loss import chunked_causal_lm_loss
 
 
 def packed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -136,3 +136,31 @@ def test_chunked_loss_through_ddp_matches_the_bare_model(tiny_tokenizer, monkeyp
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads["module." + name], grad, rtol=1e-5, atol=1e-5)
+
+
+class _ForwardingWrapper(torch.nn.Module):
+    """Like FSDP / DeepSpeed: forwards attribute look-ups to the model it wraps."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def test_other_wrappers_take_the_full_logits_path(tiny_tokenizer):
+    model = lora_model(tiny_tokenizer)
+    batch = packed_batch(len(tiny_tokenizer), seed=5)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    want, _, _ = loss_and_grads(model, batch, full_logits_loss)
+    got, _, _ = loss_and_grads(_ForwardingWrapper(model), batch, chunked_causal_lm_loss)
+    assert seen[1] == seen[0] == batch["input_ids"].shape + (64,)  # every position projected, as the plain path does
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
