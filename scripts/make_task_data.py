@@ -1,4 +1,4 @@
-"""Make the quickstart's task data: "Repeat the word twice." on short lowercase words, in Alpaca jsonl.
+"""Make the quickstart's task data: "Repeat the word twice: stone" -> "stone stone", in Alpaca jsonl.
 
     python scripts/make_task_data.py                 # writes data/tiny-task/{train,eval}.jsonl
     python scripts/make_task_data.py --out /tmp/task --train 300
@@ -23,7 +23,9 @@ import random
 import re
 from pathlib import Path
 
-INSTRUCTION = "Repeat the word twice."
+# The word goes in the instruction (Alpaca rows without an input) because that is the prompt `lorafit generate
+# --prompt "Repeat the word twice: stone"` builds: training and trying the model then see the same template.
+INSTRUCTION = "Repeat the word twice:"
 SEED = 7
 N_TRAIN = 450
 N_EVAL = 50
@@ -62,8 +64,8 @@ def pretraining_words(seed: int = SEED) -> list[str]:
 
 
 def task_row(word: str) -> dict[str, str]:
-    """One Alpaca row: the instruction, the word as input, and the word twice as the answer."""
-    return {"instruction": INSTRUCTION, "input": word, "output": f"{word} {word}"}
+    """One Alpaca row: the instruction naming the word, no input, and the word twice as the answer."""
+    return {"instruction": f"{INSTRUCTION} {word}", "input": "", "output": f"{word} {word}"}
 
 
 def make_task(seed: int = SEED, n_train: int = N_TRAIN, n_eval: int = N_EVAL) -> dict[str, list[dict[str, str]]]:

@@ -1,0 +1,261 @@
+"""Build assets/tiny-llama: a byte-level BPE tokenizer and a ~4M-parameter Llama pretrained on Python's own docs.
+
+    python scripts/build_tiny_model.py                    # ~8 minutes on 2 CPU cores; writes assets/tiny-llama
+    python scripts/build_tiny_model.py --steps 50 --out /tmp/tiny   # a quick look
+
+Everything comes with Python: the language reference (`pydoc_data.topics`) and the docstrings of a fixed list of
+stdlib modules, plus a little instruction-format text (Alpaca prompts and ChatML turns) for other word tasks
+("Copy the word:", "Uppercase the word:", ...) on words the quickstart task never uses, so the model knows the
+prompt template but has never seen the task ("Repeat the word twice: ...", see scripts/make_task_data.py).
+
+Deterministic: fixed seeds, a fixed thread count, deterministic algorithms; the same machine type, Python (its
+pydoc_data) and torch give the same weights. The result is committed, so nobody has to run this to use lorafit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
+from make_task_data import INSTRUCTION, pretraining_words  # noqa: E402
+
+from lorafit.data.formats import alpaca_prompt  # noqa: E402 - the exact template lorafit trains with
+
+SEED = 1234
+VOCAB_SIZE = 3072
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0..5, in this order
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Llama-shaped and small. Widths are multiples of 64: bitsandbytes' 4-bit CPU kernel needs that for QLoRA tests.
+MODEL_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
+STDLIB_MODULES = [
+    "abc", "argparse", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv", "dataclasses",
+    "datetime", "difflib", "enum", "fractions", "functools", "glob", "heapq", "inspect", "io", "itertools", "json",
+    "logging", "math", "operator", "os", "pathlib", "pickle", "random", "re", "shutil", "statistics", "string",
+    "subprocess", "tempfile", "textwrap", "threading", "time", "typing", "unittest", "uuid", "zipfile",
+]
+# Warm-up word tasks in the Alpaca template. None of them is the quickstart task.
+WORD_TASKS = {
+    "Copy the word:": lambda w: w,
+    "Uppercase the word:": str.upper,
+    "Capitalize the word:": str.capitalize,
+    "Write the first letter of the word:": lambda w: w[0],
+    "Write the last letter of the word:": lambda w: w[-1],
+    "Count the letters in the word:": lambda w: str(len(w)),
+}
+PAIR_TASKS = {
+    "Swap the two words:": lambda a, b: f"{b} {a}",
+    "Join the two words with a hyphen:": lambda a, b: f"{a}-{b}",
+    "Write the second word:": lambda a, b: b,
+}
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def reference_documents() -> list[str]:
+    """The language reference's topics and stdlib docstrings, one document each, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[key] for key in sorted(topics)]
+    for name in STDLIB_MODULES:
+        module = importlib.import_module(name)
+        docs.append(inspect.getdoc(module) or "")
+        for attr, obj in sorted(vars(module).items()):
+            if not attr.startswith("_") and getattr(obj, "__module__", None) == module.__name__:
+                if doc := inspect.getdoc(obj):
+                    docs.append(f"{name}.{attr}: {doc}")
+    return [d for d in docs if d.strip()]
+
+
+def instruction_examples(rng: random.Random, n_alpaca: int, n_chat: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs for the warm-up word tasks: Alpaca prompts, and a few ChatML conversations."""
+    words = pretraining_words()
+    tasks = [(i, f) for i, f in WORD_TASKS.items()] + [(i, f) for i, f in PAIR_TASKS.items()]
+    out = []
+    for k in range(n_alpaca + n_chat):
+        instruction, fn = rng.choice(tasks)
+        if instruction in PAIR_TASKS:
+            a, b = rng.sample(words, 2)
+            text_in, answer = f"{a} {b}", fn(a, b)
+        else:
+            text_in = rng.choice(words)
+            answer = fn(text_in)
+        if k < n_alpaca:
+            out.append((alpaca_prompt(f"{instruction} {text_in}", ""), answer))
+        else:  # the chat template's rendering: the model should know <|im_start|>/<|im_end|> too
+            prompt = f"<|im_start|>user\n{instruction} {text_in}<|im_end|>\n<|im_start|>assistant\n"
+            out.append((prompt, answer + "<|im_end|>"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE tokenizer (BOS added to every encoding) with pad/unk, ChatML tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   model_max_length=MODEL_SHAPE["max_position_embeddings"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def token_stream(tokenizer, docs: list[str], examples: list[tuple[str, str]], rng: random.Random) -> list[int]:
+    """All pieces as one stream of ids: documents as <s> text </s>; examples exactly as lorafit tokenizes them
+    (prompt with BOS, then the response tokenized on its own, then EOS), so the prompt/response seam matches."""
+    pieces = [tokenizer(d)["input_ids"] + [tokenizer.eos_token_id] for d in docs]
+    for prompt, response in examples:
+        ids = tokenizer(prompt)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
+        pieces.append(ids + [tokenizer.eos_token_id])
+    rng.shuffle(pieces)
+    return [t for p in pieces for t in p]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def build_model(tokenizer):
+    """A randomly initialized LlamaForCausalLM of MODEL_SHAPE over the tokenizer's vocabulary (fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE)
+    return LlamaForCausalLM(config)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def block_loss(model, blocks: torch.Tensor) -> float:
+    """Mean next-token loss over `blocks` (N, T)."""
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [model(input_ids=b[None], labels=b[None]).loss.float() for b in blocks]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    """AdamW over random batches of `blocks` (N, T) in bf16 autocast (AMX/AVX-512 CPUs run it several times faster
+    than fp32; the weights and optimizer stay fp32). Returns the loss of every step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]  # (B, T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            recent = sum(losses[-25:]) / len(losses[-25:])
+            print(f"step {step + 1:4d}/{steps}  loss {recent:.3f}  {time.perf_counter() - started:5.0f}s", flush=True)
+    return losses
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def save(model, tokenizer, out: Path, stats: dict) -> None:
+    """Weights in bfloat16 safetensors (half the size; the quickstart loads them as float32), tokenizer, card."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "build_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    card = (f"# tiny-llama\n\nA {stats['parameters'] / 1e6:.2f}M-parameter Llama ({MODEL_SHAPE['num_hidden_layers']} "
+            f"layers, hidden {MODEL_SHAPE['hidden_size']}) with a {stats['vocab_size']}-token byte-level BPE "
+            f"tokenizer, pretrained for {stats['steps']} steps ({stats['tokens_seen'] / 1e6:.2f}M tokens) on Python's "
+            f"language reference and stdlib docstrings, plus Alpaca/ChatML word tasks (never \"{INSTRUCTION}\").\n"
+            f"Final training loss {stats['final_train_loss']:.3f}, held-out loss {stats['heldout_loss']:.3f}.\n\n"
+            f"Built by `python scripts/build_tiny_model.py` for lorafit's quickstart and tests; it knows little "
+            f"beyond the template.\n")
+    (out / "README.md").write_text(card)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Example:  python scripts/build_tiny_model.py --out assets/tiny-llama")
+    parser.add_argument("--out", type=Path, default=Path("assets/tiny-llama"), help="output folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=240, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per step (default: %(default)s)")
+    parser.add_argument("--block", type=int, default=256, help="tokens per block (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads; results depend on it (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed for everything (default: %(default)s)")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    transformers.logging.set_verbosity_error()  # whole documents are longer than the model's context: expected
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    docs = reference_documents()
+    examples = instruction_examples(rng, n_alpaca=2400, n_chat=400)
+    tokenizer = train_tokenizer(docs + [p + r for p, r in examples])
+    stream = torch.tensor(token_stream(tokenizer, docs, examples, rng))
+    blocks = stream[: len(stream) // args.block * args.block].view(-1, args.block)  # (N, T)
+    heldout, blocks = blocks[:16], blocks[16:]
+    print(f"{len(docs)} documents + {len(examples)} instruction examples = {len(stream):,} tokens "
+          f"({len(blocks)} blocks of {args.block}); tokenizer {len(tokenizer)} tokens "
+          f"({time.perf_counter() - started:.0f}s)", flush=True)
+
+    model = build_model(tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+    losses = pretrain(model, blocks, args.steps, args.batch_size, args.lr, args.seed)
+    final = sum(losses[-25:]) / len(losses[-25:])
+    stats = {"parameters": n_params, "vocab_size": len(tokenizer), "steps": args.steps,
+             "tokens_seen": args.steps * args.batch_size * args.block, "corpus_tokens": len(stream),
+             "final_train_loss": round(final, 4), "heldout_loss": round(block_loss(model, heldout), 4),
+             "seconds": round(time.perf_counter() - started), "threads": args.threads, "seed": args.seed,
+             "torch": torch.__version__, "python": sys.version.split()[0]}
+    save(model, tokenizer, args.out, stats)
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
+    print(f"final pretraining loss {final:.3f} (last 25 steps), held-out {stats['heldout_loss']:.3f}; "
+          f"saved {args.out} ({size:.1f} MB) in {stats['seconds']}s")
+
+
+if __name__ == "__main__":
+    main()
