@@ -133,6 +133,17 @@ def test_validate_counts_a_bundled_8b_architecture_offline(capsys):
     assert "not counted" in out  # the hub dataset cannot be counted offline, and the plan says so
 
 
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_prints_its_plan_offline(capsys, monkeypatch, path):
+    monkeypatch.chdir(ROOT)  # relative paths in configs are relative to where lorafit runs: the repo root
+    code, out, err = run_main(["validate", str(path.relative_to(ROOT))], capsys)
+    assert code == 0, err
+    assert "Plan" in out and "trainable /" in out and "memory (est.)" in out
+
+
 def test_train_dry_run_stops_before_training(capsys, tiny_config, tmp_path):
     code, out, _ = run_main(["train", str(tiny_config), "--dry-run"], capsys)
     assert code == 0 and "Plan" in out
