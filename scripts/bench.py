@@ -8,10 +8,11 @@ Each run is a separate process (`python -m lorafit train CONFIG`, or this script
 alternates between repeats so that a busy machine hurts both sides alike. Both sides train one epoch of the same
 tokenized examples (the baseline tokenizes through `lorafit.data` with packing off, so ids and prompt masks are
 identical) with LoRA r=16, alpha=32, dropout 0 on every linear layer, AdamW, cosine schedule, the same lr, warmup,
-grad-norm clip and seed. "Batch": the baseline takes `--batch` examples per step padded to the longest
-(DataCollatorForSeq2Seq, random order: no length grouping); lorafit takes packed rows of up to max_length tokens, as many as make
-the same number of optimizer steps per epoch. Weights are random (built here and saved to a temp dir) and the
-tokenizer is a byte-level BPE trained in-process: the timings need shapes, not knowledge.
+grad-norm clip and seed. "Batch": the baseline takes `batch` examples per step padded to the longest
+(DataCollatorForSeq2Seq, random order: no length grouping); lorafit takes packed rows of up to max_length tokens,
+as many as make about the same number of optimizer steps per epoch (at least one row). Weights are random (built
+here and saved to a temp dir) and the tokenizer is a byte-level BPE trained in-process: the timings need shapes, not
+knowledge.
 
 Reported per side (median over repeats): train time (the training loop), process wall time, real (non-pad) and
 padded tokens/s, peak memory (the child's peak RSS, VmHWM, on CPU; torch max allocated on GPU), and the final loss
@@ -253,8 +254,8 @@ def role_baseline(work: Path, result: Path) -> None:
         warmup_steps=schedule.warmup_steps(0.03, total), weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch_fused" if gpu else "adamw_torch", bf16=run["precision"] == "bf16", use_cpu=not gpu,
         gradient_checkpointing=run["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-        train_sampling_strategy="random", logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=42,
-        data_seed=42, dataloader_num_workers=0, remove_unused_columns=False)
+        train_sampling_strategy="random", logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        seed=42, data_seed=42, dataloader_num_workers=0, remove_unused_columns=False)
     trainer = Trainer(model=baseline_model(run), args=args, train_dataset=dataset, data_collator=collator)
     start = time.perf_counter()
     trainer.train()
@@ -421,6 +422,33 @@ def bench(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"run": run, "plan": p, "sides": sides, "runs": results}, indent=1))
 
 
+def role_loss_ablation(work: Path, steps: int) -> None:
+    """Forward + backward of lorafit's packed batches with the plain and the chunked loss, alternating; ms/step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafit import data, loss
+    from lorafit.lora import attach_lora
+
+    rows, _, cfg = tokenized_rows(work / "lorafit.yaml", packing=True)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    attach_lora(model, "all-linear", r=LORA["r"], alpha=LORA["alpha"])
+    model.train()
+    batches = [data.collate(rows[i: i + cfg.train.batch_size]) for i in range(0, len(rows), cfg.train.batch_size)]
+    plain = lambda m, b, lab: data.causal_lm_loss(m(**b, use_cache=False).logits, lab)  # noqa: E731
+    times: dict[str, list[float]] = {"plain": [], "chunked": []}
+    for i in range(steps):
+        for name in (["plain", "chunked"] if i % 2 == 0 else ["chunked", "plain"]):
+            batch = dict(batches[i % len(batches)])
+            labels = batch.pop("labels")
+            start = time.perf_counter()
+            (plain if name == "plain" else loss.chunked_causal_lm_loss)(model, batch, labels)[0].backward()
+            times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    for name, t in times.items():
+        print(f"{name}: median {statistics.median(t[1:]) * 1e3:.1f} ms per micro-batch over {len(t) - 1} steps")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="example: python scripts/bench.py --size small --repeats 2")
@@ -431,7 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--work", default=None, help="working folder (default: a new temp folder, kept)")
     ap.add_argument("--json", default=None, help="also write every measurement here")
-    ap.add_argument("--role", choices=["bench", "lorafit", "baseline"], default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--role", choices=["bench", "lorafit", "baseline", "loss"], default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -451,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         role_lorafit(Path(args.config), Path(args.result))
     elif args.role == "baseline":
         role_baseline(Path(args.work), Path(args.result))
+    elif args.role == "loss":  # the chunked loss alone, on a built --work folder: --role loss --work DIR
+        role_loss_ablation(Path(args.work), steps=2 * args.repeats + 1)
     else:
         bench(args)
 
