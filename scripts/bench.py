@@ -131,9 +131,9 @@ def build_model(out: Path, shape: dict, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_assets(work: Path, size: str, epochs: int, qlora: bool) -> dict:
+def write_assets(work: Path, size: str, epochs: int, qlora: bool, examples: int | None = None) -> dict:
     """Model, tokenizer, data and the lorafit config under `work`; returns the run spec both sides read."""
-    spec = SIZES[size]
+    spec = dict(SIZES[size], examples=examples or SIZES[size]["examples"])
     rows = make_examples(spec["examples"], spec["max_words"])
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -396,7 +396,7 @@ def bench(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LORAFIT_CACHE", str(work / "cache"))  # children inherit it: tokenize once
     print(f"building the {args.size} model, tokenizer and data in {work} ...", flush=True)
-    run = write_assets(work, args.size, args.epochs, args.qlora)
+    run = write_assets(work, args.size, args.epochs, args.qlora, args.examples)
     (work / "lorafit.yaml").write_text(json.dumps(lorafit_config(run, 1, work / "run"), indent=1))
     p = plan(work, run)
     spec = json.loads((work / "lorafit.yaml").read_text())
@@ -455,6 +455,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="runs per side; the order alternates")
+    ap.add_argument("--examples", type=int, default=None, help="training examples (default: the size's own)")
     ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base on both sides (GPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--work", default=None, help="working folder (default: a new temp folder, kept)")
