@@ -47,7 +47,7 @@ def _peft_config(wrapped: list[str], all_linear: list[str], *, base_model_name_o
 
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None, r: int, alpha: float,
                  dropout: float, targets: str | list[str], rslora: bool = False, dora: bool = False,
-                 tokenizer=None) -> Path:
+                 tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
     """Write the model's LoRA layers as a PEFT adapter folder, atomically (an existing folder is replaced only
     once the new one is complete).
 
@@ -58,6 +58,7 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
         r, alpha, dropout, rslora, dora: the adapter's settings, recorded in adapter_config.json.
         targets: the user's target spec; only used to explain an error when nothing is wrapped.
         tokenizer: when given, its files (and chat template) are saved beside the adapter.
+        extra_files: {file name: text} written into the folder in the same atomic step (e.g. lorafit.yaml).
 
     Returns:
         The adapter folder.
@@ -79,6 +80,8 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
     return write_dir_atomically(Path(out_dir), write)
 

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORAFIT_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]  # accepted anywhere on the line, not only before the command
+    first_process = os.environ.get("RANK", "0") == "0"  # under torchrun every rank meets the same user error
     try:
         code = app(args=args, prog_name="lorafit", standalone_mode=False)
     except typer.Exit as e:
@@ -194,10 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     except LorafitError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        if first_process:
+            print(f"error: {e}", file=sys.stderr)
         code = e.exit_code
     except TrainingStopped as e:
-        print(str(e), file=sys.stderr)
+        if first_process:
+            print(str(e), file=sys.stderr)
         code = e.exit_code
     except Exception as e:  # a bug, not the user's fault: say so, keep it short unless asked
         if debug:

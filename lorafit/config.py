@@ -400,7 +400,15 @@ def _apply_override(layer: _Layer, key: str, value: Any) -> None:
         elif not isinstance(nxt, dict | list):
             raise ConfigError(f"{COMMAND_LINE}: {key}: {'.'.join(parts[: i + 1])} is not a section")
         node = nxt
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(node, list):  # data.train.1={path: b.jsonl, format: text}: replace an item, or append one
+        idx = int(last)
+        if idx > len(node):
+            raise ConfigError(f"{COMMAND_LINE}: {key}: {'.'.join(parts[:-1])} has {len(node)} item(s); "
+                              f"use index {len(node)} to add one")
+        node[idx:idx + 1] = [value]
+    else:
+        node[last] = value
     layer.origins[key] = COMMAND_LINE
 
 

@@ -10,7 +10,6 @@ the EOS a model must learn to emit.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,13 +145,9 @@ def quantization_config(q: QuantizationConfig | None):
 
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    extra = {}
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        # FSDP shards parameters of one dtype: store the packed 4-bit weights as the compute dtype, not uint8.
-        extra["bnb_4bit_quant_storage"] = getattr(torch, q.compute_dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type,
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype), **extra)
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
 
 
 def _default_device_map(quantized: bool):

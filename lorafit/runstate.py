@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,24 @@ from lorafit.errors import ConfigError, RunDirError
 
 CHECKPOINTS = "checkpoints"
 MIN_FREE_BYTES = 256 * 1024**2  # refuse to start with less free disk than this in output.dir
+CONFIG_HEADER = "# Resolved by lorafit train (extends and overrides applied). --resume compares against it.\n"
+
+
+@dataclass
+class Progress:
+    """Where a run is. Saved in every checkpoint; a resumed run continues from exactly here."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # input tokens processed, padding excluded (all processes)
+    supervised: int = 0  # tokens with a loss term (all processes)
+    elapsed: float = 0.0  # seconds of training before this process started
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ run dir
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, config_path: Path) -> None:
     """Create (or, with `resume`, check) the run directory and write `config.yaml`. Main process only.
 
     Raises:
@@ -36,25 +49,44 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
         ConfigError: --resume with a config that differs from the run's; the differing keys are named.
     """
     config_file = run_dir / "config.yaml"
+    if config_path.resolve() == config_file.resolve():
+        raise RunDirError(f"output.dir {run_dir} is the folder of the config itself: lorafit would write its "
+                          f"resolved config over {config_path}; choose another output.dir")
     if resume:
-        if not config_file.is_file():
-            raise RunDirError(f"{run_dir}: no run to resume here (no config.yaml); start without --resume")
-        old = yaml.safe_load(config_file.read_text())
-        changed = config_diff(old, cfg.to_dict())
-        if changed:
-            raise ConfigError(f"--resume: the config differs from the run's {config_file} in: {', '.join(changed)}; "
-                              f"resume with the same config, or train into a new output.dir")
-        if newest_checkpoint(run_dir) is None:
-            raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; start again without --resume")
-    elif run_dir.exists() and any(p.name != "config.yaml" for p in run_dir.iterdir()):
-        # config.yaml alone is what a start that failed before training leaves: nothing to lose by starting over
+        _check_resumable(run_dir, cfg)
+    elif run_dir.exists() and not _only_a_failed_start(run_dir):
         raise RunDirError(f"output.dir {run_dir} already holds files; add --resume to continue that run, or choose "
                           f"another folder (output.dir=... on the command line)")
     _check_writable(run_dir)
     for tmp in (run_dir / CHECKPOINTS).glob(".tmp-*"):  # a save that was killed half-way
         shutil.rmtree(tmp, ignore_errors=True)
     if not resume:
-        config_file.write_text(cfg.to_yaml())
+        config_file.write_text(CONFIG_HEADER + cfg.to_yaml())
+
+
+def _only_a_failed_start(run_dir: Path) -> bool:
+    """True for an empty folder, or one holding only the config.yaml of a start that failed before training."""
+    files = list(run_dir.iterdir())
+    if not files:
+        return True
+    config_file = run_dir / "config.yaml"
+    return files == [config_file] and config_file.read_text().startswith(CONFIG_HEADER)
+
+
+def _check_resumable(run_dir: Path, cfg: Config) -> None:
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise RunDirError(f"{run_dir}: no run to resume here (no config.yaml); start without --resume")
+    changed = config_diff(yaml.safe_load(config_file.read_text()), cfg.to_dict())
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run's {config_file} in: {', '.join(changed)}; "
+                          f"resume with the same config, or train into a new output.dir")
+    if newest_checkpoint(run_dir) is None:
+        finished = (run_dir / "adapter").is_dir()
+        raise RunDirError(f"{run_dir}: " + ("this run is finished (adapter/ is saved); nothing to resume" if finished
+                          else "it stopped before its first checkpoint, so there is nothing to resume; move or "
+                               f"delete the folder (rm -r {run_dir}) and start again, and set train.save_every to "
+                               f"keep checkpoints"))
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -71,11 +103,16 @@ def _check_writable(run_dir: Path) -> None:
                           f"more. Free some space or choose another output.dir")
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with state.json), oldest first by step number."""
+    found = [p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    found = sorted((run_dir / CHECKPOINTS).glob("step-*"), key=lambda p: p.name)
-    found = [p for p in found if (p / "state.json").is_file()]
-    return found[-1] if found else None
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -120,6 +157,8 @@ def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler,
         save_file(_trainable_state(unwrapped), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:  # fp16 loss scale: without it a resumed run skips steps anew
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": progress.step, "tokens": progress.tokens, "supervised": progress.supervised,
@@ -142,29 +181,29 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rotate(run_dir: Path, keep: int) -> None:
-    done = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
-    for old in done[:-keep]:
+    for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ load
 
 
-def load_training_state(run_dir: Path, model, optimizer, scheduler, rank: int):
+def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler) -> Progress:
     """Restore weights, optimizer, scheduler, this process's RNG and progress from the newest checkpoint.
 
     Also rewrites `metrics.jsonl` to what it held at that checkpoint, so rows logged after it are not duplicated.
     """
     from safetensors.torch import load_file
 
-    from lorafit.train import Progress
-
     ckpt = newest_checkpoint(run_dir)
     if ckpt is None:
         raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; start again without --resume")
     state = json.loads((ckpt / "state.json").read_text())
+    if state["world_size"] != accelerator.num_processes:  # the global batch and the data order depend on it
+        raise RunDirError(f"{ckpt}: saved by {state['world_size']} process(es); resume with the same number "
+                          f"(now {accelerator.num_processes})")
     weights = load_file(ckpt / "trainable.safetensors")
-    params = dict(model.named_parameters())
+    params = dict(accelerator.unwrap_model(model).named_parameters())
     missing = sorted(set(weights) - set(params))
     if missing:
         raise RunDirError(f"{ckpt}: checkpoint weights do not fit this model (e.g. {missing[0]})")
@@ -173,12 +212,11 @@ def load_training_state(run_dir: Path, model, optimizer, scheduler, rank: int):
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    rng_file = ckpt / f"rng-{rank}.pt"
-    if not rng_file.is_file():
-        raise RunDirError(f"{ckpt}: saved by {state['world_size']} process(es); resume with the same number")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
+    _set_rng_state(torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False))
     metrics = state["metrics"]
-    if rank == 0:
+    if accelerator.is_main_process:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return Progress(step=state["step"], tokens=state["tokens"], supervised=state["supervised"],
                     elapsed=state["elapsed"], metrics=metrics)
@@ -192,8 +230,7 @@ def save_final_adapter(run_dir: Path, cfg: Config, model, tokenizer) -> Path:
     base = cfg.model.path
     if Path(base).is_dir():
         base = str(Path(base).resolve())
-    out = run_dir / "adapter"
-    save_adapter(model, out, base_model_name_or_path=base, r=a.r, alpha=a.alpha, dropout=a.dropout,
-                 targets=a.targets, rslora=a.rslora, dora=a.method == "dora", tokenizer=tokenizer)
-    (out / "lorafit.yaml").write_text(cfg.to_yaml())  # merge and eval read quantization settings from here
-    return out
+    # lorafit.yaml: merge and eval read the quantization settings the adapter was trained against from it
+    return save_adapter(model, run_dir / "adapter", base_model_name_or_path=base, r=a.r, alpha=a.alpha,
+                        dropout=a.dropout, targets=a.targets, rslora=a.rslora, dora=a.method == "dora",
+                        tokenizer=tokenizer, extra_files={"lorafit.yaml": cfg.to_yaml()})

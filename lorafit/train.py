@@ -25,17 +25,6 @@ from lorafit.errors import LorafitError, TrainingStopped
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-@dataclass
-class Progress:
-    """Where the run is. Saved in every checkpoint; a resumed run continues from exactly here."""
-
-    step: int = 0  # optimizer steps done
-    tokens: int = 0  # input tokens processed, padding excluded (all processes)
-    supervised: int = 0  # tokens with a loss term (all processes)
-    elapsed: float = 0.0  # seconds of training before this process started
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
 # ------------------------------------------------------------------------------------------------ set-up
 
 
@@ -54,14 +43,19 @@ def _make_accelerator(cfg: Config):
 
 
 def _check_launcher() -> None:
-    """accelerate launch with a DeepSpeed config needs the optional deepspeed package: say so before loading."""
-    import importlib.util
+    """Refuse launchers lorafit does not support yet, before any weight is loaded.
+
+    FSDP shards parameters and ZeRO partitions optimizer state, so saving checkpoints and adapters needs gathered
+    state dicts, and DeepSpeed steps the optimizer on its own schedule; until both are built and tested on GPUs,
+    a run would save partial adapters. Plain data parallel (torchrun / accelerate launch with DDP) is supported.
+    """
     import os
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
-            importlib.util.find_spec("deepspeed") is None:
-        raise LorafitError("the launch config asks for DeepSpeed, which is not installed: pip install deepspeed "
-                           "(or launch with configs/accelerate/ddp.yaml or fsdp.yaml)")
+    for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "").lower() in ("1", "true"):
+            raise LorafitError(f"the launch config asks for {name}, which lorafit does not support yet; launch with "
+                               f"torchrun --nproc_per_node N -m lorafit train CONFIG (data parallel) or "
+                               f"accelerate launch --config_file configs/accelerate/ddp.yaml")
 
 
 def _check_trackers(trackers: list[str]) -> None:
@@ -173,88 +167,134 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
 
     Raises:
         LorafitError: bad input (config, data, run directory) — exit 2.
-        TrainingStopped: interrupted by SIGINT/SIGTERM after saving a checkpoint — exit 130.
-        TrainingStopped: NaN/inf loss or gradient — exit 1, last good checkpoint kept.
+        TrainingStopped: interrupted by SIGINT/SIGTERM after saving a checkpoint — exit 130; or a NaN/inf loss or
+            gradient — exit 1, the last good checkpoint kept.
     """
-    from lorafit.data import build_datasets, collate
-    from lorafit.evaluate import evaluate_loss
+    from lorafit.data import build_datasets
     from lorafit.reporting import RunReporter
 
-    cfg = loaded.config
+    cfg, t = loaded.config, loaded.config.train
     accelerator = _make_accelerator(cfg)
     run_dir = Path(cfg.output.dir)
-    if accelerator.is_main_process:
-        runstate.prepare_run_dir(run_dir, cfg, resume=resume)
-    accelerator.wait_for_everyone()
-    _seed_everything(cfg.train.seed + accelerator.process_index)
+    _on_main_then_all(accelerator, runstate.prepare_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path)
+    _seed_everything(t.seed + accelerator.process_index)
 
     model, tokenizer, wrapped = _build_model(cfg, accelerator)
-    train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    t = cfg.train
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * world)
+    train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
+    per_epoch = schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * accelerator.num_processes)
     total_steps = t.max_steps or per_epoch * t.epochs
     optimizer = _build_optimizer(cfg, model)
     scheduler = _lr_scheduler(cfg, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    progress = Progress()
+    progress = runstate.Progress()
     if resume:
-        progress = runstate.load_training_state(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
-                                                  rank=rank)
-    if cfg.train.trackers:
+        progress = runstate.load_training_state(run_dir, accelerator, model, optimizer, scheduler)
+    if t.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
                            model=accelerator.unwrap_model(model))
-    flatten = cfg.model.attention == "flash_attention_2"  # FA2 reads packed sequences only from a batch of one
+    run = _Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, train_rows, eval_rows, per_epoch, reporter)
     stop = _install_signal_handlers()
     started = time.perf_counter() - progress.elapsed
     try:
         while progress.step < total_steps:
-            epoch, step_in_epoch = divmod(progress.step, per_epoch)
-            order = schedule.epoch_order(len(train_rows), t.seed, epoch)
-            ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, rank, world)
-            batches = [collate([train_rows[i] for i in mb], pad_id=tokenizer.pad_token_id, flatten=flatten)
-                       for mb in ids]
-            real = sum(len(train_rows[i]) for mb in ids for i in mb)
-            model.train()
-            loss, grad_norm, supervised, tokens = _train_step(model, optimizer, batches, real, accelerator,
-                                                              t.max_grad_norm)
-            _check_finite(loss, grad_norm, progress.step + 1, run_dir, skip_grad=accelerator.optimizer_step_was_skipped)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            progress.step += 1
-            progress.tokens += tokens
-            progress.supervised += supervised
+            row = run.step(progress)
             progress.elapsed = time.perf_counter() - started
-            row = {"step": progress.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens": progress.tokens, "supervised_tokens": progress.supervised}
             reporter.step(row, log=progress.step % t.log_every == 0 or progress.step == total_steps)
             if t.eval_every and progress.step % t.eval_every == 0 and progress.step < total_steps and eval_rows:
-                reporter.eval(progress.step, evaluate_loss(model, eval_rows, accelerator, t.batch_size,
-                                                           pad_id=tokenizer.pad_token_id))
+                reporter.eval(progress.step, run.evaluate())
             due = t.save_every and progress.step % t.save_every == 0 and progress.step < total_steps
             stopping = _any_process(stop.requested, accelerator)
             if due or stopping:
                 progress.metrics = reporter.metrics
                 runstate.save_training_state(run_dir, accelerator, model, optimizer, scheduler, progress,
-                                               keep=t.keep_checkpoints)
+                                             keep=t.keep_checkpoints)
             if stopping:
                 raise TrainingStopped(f"interrupted at step {progress.step}: checkpoint saved; continue with "
                                       f"lorafit train {loaded.path} --resume", exit_code=130)
-        final_eval = evaluate_loss(model, eval_rows, accelerator, t.batch_size, pad_id=tokenizer.pad_token_id) \
-            if eval_rows else None
-        if final_eval is not None:
-            reporter.eval(progress.step, final_eval)
-        progress.metrics = reporter.metrics
+        # The adapter first: an interrupt during the final eval must not cost the trained run.
         if accelerator.is_main_process:
             runstate.save_final_adapter(run_dir, cfg, accelerator.unwrap_model(model), tokenizer)
         accelerator.wait_for_everyone()
+        if eval_rows:
+            reporter.eval(progress.step, run.evaluate())
         reporter.finish(loaded.path)
     finally:
         stop.restore()
         accelerator.end_training()
     return run_dir
+
+
+@dataclass
+class _Run:
+    """What one optimizer step and one eval need, built once by `run_training`."""
+
+    cfg: Config
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    train_rows: list[Any]
+    eval_rows: list[Any]
+    per_epoch: int
+    reporter: Any
+
+    def step(self, progress: runstate.Progress) -> dict[str, Any]:
+        """One optimizer step at `progress.step`; advances `progress` and returns the metrics row."""
+        from lorafit.data import collate
+
+        t, acc = self.cfg.train, self.accelerator
+        epoch, step_in_epoch = divmod(progress.step, self.per_epoch)
+        order = schedule.epoch_order(len(self.train_rows), t.seed, epoch)
+        ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, acc.process_index,
+                                     acc.num_processes)
+        flatten = self.cfg.model.attention == "flash_attention_2"  # FA2 reads packing only from a batch of one
+        batches = [collate([self.train_rows[i] for i in mb], pad_id=self.tokenizer.pad_token_id, flatten=flatten)
+                   for mb in ids]
+        real = sum(len(self.train_rows[i]) for mb in ids for i in mb)
+        self.model.train()
+        loss, grad_norm, supervised, tokens = _train_step(self.model, self.optimizer, batches, real, acc,
+                                                          t.max_grad_norm)
+        _check_finite(loss, grad_norm, progress.step + 1, Path(self.cfg.output.dir),
+                      skip_grad=acc.optimizer_step_was_skipped)
+        lr = self.scheduler.get_last_lr()[0]
+        if not acc.optimizer_step_was_skipped:  # an fp16 step skipped for overflow does not advance the schedule
+            self.scheduler.step()
+        progress.step += 1
+        progress.tokens += tokens
+        progress.supervised += supervised
+        return {"step": progress.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": progress.tokens, "supervised_tokens": progress.supervised}
+
+    def evaluate(self) -> dict[str, float]:
+        from lorafit.evaluate import evaluate_loss
+
+        # The unwrapped model: a DDP forward syncs buffers, which would hang a rank that has no eval rows.
+        return evaluate_loss(self.accelerator.unwrap_model(self.model), self.eval_rows, self.accelerator,
+                             self.cfg.train.batch_size, pad_id=self.tokenizer.pad_token_id)
+
+
+def _on_main_then_all(accelerator, fn, *args, **kwargs) -> None:
+    """Run `fn` on the main process; if it raised a user error, every process raises it.
+
+    Without this, the other processes would wait at the barrier and die with a connection error.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    error, message = None, [None]
+    if accelerator.is_main_process:
+        try:
+            fn(*args, **kwargs)
+        except LorafitError as e:
+            error, message = e, [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message, from_process=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise LorafitError(message[0])
+    accelerator.wait_for_everyone()
 
 
 # ------------------------------------------------------------------------------------------------ guards

@@ -219,6 +219,16 @@ def test_overrides_are_parsed_as_yaml_and_win_over_files(tmp_path):
     assert cfg.adapter.targets == ["q_proj", "v_proj"] and cfg.train.max_steps is None
 
 
+def test_override_replaces_or_appends_a_whole_list_item(tmp_path):
+    path = write(tmp_path / "c.yaml", MINIMAL)
+    cfg = load_config(path, ["data.train.1={path: b.jsonl, format: text}"]).config
+    assert [s.path for s in cfg.data.train] == ["data/train.jsonl", "b.jsonl"]
+    cfg = load_config(path, ["data.train.0={path: c.jsonl, format: chat}"]).config
+    assert [(s.path, s.format) for s in cfg.data.train] == [("c.jsonl", "chat")]
+    found = problems_of(path, ["data.train.5={path: x, format: text}"])
+    assert "use index 1 to add one" in found[0]
+
+
 def test_override_can_create_the_quantization_section(tmp_path):
     cfg = load_config(write(tmp_path / "c.yaml", MINIMAL), ["model.quantization.bits=8"]).config
     assert cfg.model.quantization is not None and cfg.model.quantization.bits == 8

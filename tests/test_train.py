@@ -94,10 +94,11 @@ def assert_same_training(a_dir: Path, b_dir: Path, rtol: float) -> None:
     than `rtol` of their tensor's scale (measured: 0.8% after two steps of 2 processes × 2 micro-steps vs one).
     """
     ma, mb = metrics(a_dir), metrics(b_dir)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    assert [sorted(m) for m in ma] == [sorted(m) for m in mb]  # same rows, train and eval, in the same order
     for x, y in zip(ma, mb):
-        for key in ("loss", "grad_norm"):
-            assert abs(x[key] - y[key]) <= rtol * abs(x[key]), (x["step"], key, x[key], y[key])
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in x:
+                assert abs(x[key] - y[key]) <= rtol * abs(x[key]), (x["step"], key, x[key], y[key])
     a, b = adapter_tensors(a_dir), adapter_tensors(b_dir)
     assert a.keys() == b.keys()
     off = total = 0
@@ -152,6 +153,41 @@ def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path, m
     assert "/nonexistent" not in (tmp_path / "run" / "config.yaml").read_text()
 
 
+def test_output_dir_holding_the_users_own_config_is_refused(tmp_path, model_dir, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    config = make_config(exp, model_dir, max_steps=1)
+    user_config = exp / "config.yaml"
+    user_config.write_text(config.read_text().replace(str(exp / "run"), str(exp)))
+    before = user_config.read_text()
+    assert train(user_config) == 2
+    assert "is the folder of the config itself" in capsys.readouterr().err
+    assert user_config.read_text() == before
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path, model_dir, capsys):
+    config = make_config(tmp_path, model_dir, max_steps=2)
+    assert train(config) == 0
+    capsys.readouterr()
+    assert train(config, "--resume") == 2
+    assert "this run is finished (adapter/ is saved)" in capsys.readouterr().err
+    (tmp_path / "run" / "adapter").rename(tmp_path / "moved")
+    assert train(config, "--resume") == 2
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    from lorafit.runstate import complete_checkpoints, newest_checkpoint
+
+    for step in (999_999, 1_000_000, 20):
+        d = tmp_path / "checkpoints" / f"step-{step:06d}"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp-step-1000001").mkdir()  # incomplete: never counted
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000020", "step-999999", "step-1000000"]
+    assert newest_checkpoint(tmp_path).name == "step-1000000"
+
+
 def test_changed_config_refuses_to_resume(tmp_path, model_dir, capsys):
     config = make_config(tmp_path, model_dir, max_steps=4, save_every=2)
     assert train(config) == 0
@@ -200,7 +236,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_dir):
     # dropout on, so the resumed run must restore RNG state to match
-    common = dict(max_steps=40, save_every=4, batch_size=2)
+    common = dict(max_steps=40, save_every=4, batch_size=2, keep_checkpoints=100)  # step 8 must stay to be seen
     straight = make_config(tmp_path, model_dir, name="straight", **common)
     killed = make_config(tmp_path, model_dir, name="killed", **common)
     for cfg in (straight, killed):
@@ -222,9 +258,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_dir):
 def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, model_dir):
     config = make_config(tmp_path, model_dir, max_steps=100000, batch_size=1)
     proc = _spawn(config)
-    _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    try:
+        _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a 100000-step run behind
     assert proc.returncode == 130, err
     assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
     ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
