@@ -39,6 +39,7 @@ class ModelShape:
     vocab: int
     targets: list[str]  # module names the adapter wraps
     adapter_params: int
+    model_type: str = ""
 
 
 @dataclass
@@ -116,6 +117,7 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
         vocab=text_cfg.vocab_size,
         targets=targets,
         adapter_params=adapter_params,
+        model_type=getattr(hf_config, "model_type", ""),
     )
 
 
@@ -128,7 +130,8 @@ def estimate_memory(cfg: Config, shape: ModelShape) -> dict[str, float]:
     Activations per token per decoder layer (Llama-style block, `a` bytes per activation): the two RMSNorm inputs
     (kept in fp32 too), the attention projections' inputs and outputs (6h + 3·kv), and the MLP's gate, up and
     product (3·intermediate). Gradient checkpointing keeps only each layer's input (h) plus one layer's full set.
-    Logits: the output projection in `a` bytes plus fp32 copies for the loss and its gradient.
+    Logits: the output projection in `a` bytes plus fp32 copies for the loss and its gradient — for every position,
+    or, where `lorafit.loss` scores supervised positions in chunks, for one chunk only.
     """
     q = cfg.model.quantization
     weight_bytes = DTYPE_BYTES[cfg.model.dtype]
@@ -152,7 +155,12 @@ def estimate_memory(cfg: Config, shape: ModelShape) -> dict[str, float]:
         activations = shape.layers * tokens * h * a + per_layer
     else:
         activations = shape.layers * per_layer
-    logits = tokens * shape.vocab * (a + 8)
+    from lorafit.loss import CHUNK_LOGITS, SUPPORTED_MODEL_TYPES
+
+    if shape.model_type in SUPPORTED_MODEL_TYPES:  # chunked loss: one chunk of logits, plus fp32 grads of hidden
+        logits = min(tokens * shape.vocab, CHUNK_LOGITS) * (a + 8) + tokens * h * 4
+    else:
+        logits = tokens * shape.vocab * (a + 8)
     return {"weights": weights, "adapter + grads + optimizer": adapter, "activations": activations, "logits": logits}
 
 
