@@ -22,10 +22,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from lorafit.errors import ConfigError
 
+def _not_a_bool(value: Any) -> Any:
+    # YAML reads yes/no/true/false as booleans, and pydantic would take True as 1: `r: yes` is a mistake, not r=1.
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+def _scalar_as_text(value: Any) -> Any:
+    # `output.dir=2024` or `revision: 1234567` arrive as numbers from YAML; they are names.
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+Text = Annotated[str, BeforeValidator(_scalar_as_text)]
 Dtype = Literal["float32", "bfloat16", "float16"]
 COMMAND_LINE = "command line"
 
@@ -47,8 +62,8 @@ class QuantizationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: str = Field(min_length=1)  # hub id or local directory
-    revision: str | None = None
+    path: Text = Field(min_length=1)  # hub id or local directory
+    revision: Text | None = None
     dtype: Dtype = "bfloat16"
     attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     trust_remote_code: bool = False
@@ -57,9 +72,9 @@ class ModelConfig(_Section):
 
 class AdapterConfig(_Section):
     method: Literal["lora", "dora"] = "lora"
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)  # usually 2 × r
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: Int = Field(16, ge=1)
+    alpha: Float = Field(32, gt=0)  # usually 2 × r
+    dropout: Float = Field(0.05, ge=0, lt=1)
     targets: str | list[str] = "all-linear"  # all-linear | [suffix, ...] | "re:<regex>"
     exclude: list[str] = []  # module-name suffixes never wrapped
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
@@ -86,17 +101,17 @@ class AdapterConfig(_Section):
 
 
 class DataSource(_Section):
-    path: str = Field(min_length=1)  # file, folder, or hub dataset id
+    path: Text = Field(min_length=1)  # file, folder, or hub dataset id
     format: Literal["alpaca", "chat", "completion", "text"]
-    split: str = "train"  # hub datasets
+    split: Text = "train"  # hub datasets
     columns: dict[str, str] = {}  # renames: {expected_name: name_in_the_data}
 
 
 class DataConfig(_Section):
     train: list[DataSource] = Field(min_length=1)
     eval: list[DataSource] = []
-    eval_fraction: float = Field(0.0, ge=0, lt=1)  # held out of train when eval is empty
-    max_length: int = Field(2048, ge=8)
+    eval_fraction: Float = Field(0.0, ge=0, lt=1)  # held out of train when eval is empty
+    max_length: Int = Field(2048, ge=8)
     packing: bool = True
     train_on_prompt: bool = False  # false: loss only on responses / assistant turns (and their EOS)
     chat_template: str | None = None  # overrides the tokenizer's template for format: chat
@@ -104,29 +119,29 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # when set, wins over epochs
-    batch_size: int = Field(4, ge=1)  # per device, per micro-step
-    grad_accum: int = Field(4, ge=1)
-    lr: float = Field(2.0e-4, gt=0)
-    lora_plus_ratio: float | None = Field(None, gt=0)  # LoRA+: B's lr = lr × ratio (16 is typical)
+    epochs: Int = Field(1, ge=1)
+    max_steps: Int | None = Field(None, ge=1)  # when set, wins over epochs
+    batch_size: Int = Field(4, ge=1)  # per device, per micro-step
+    grad_accum: Int = Field(4, ge=1)
+    lr: Float = Field(2.0e-4, gt=0)
+    lora_plus_ratio: Float | None = Field(None, gt=0)  # LoRA+: B's lr = lr × ratio (16 is typical)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup: float = Field(0.03, ge=0)  # < 1: fraction of steps; >= 1: number of steps
-    weight_decay: float = Field(0.0, ge=0)
+    warmup: Float = Field(0.03, ge=0)  # < 1: fraction of steps; >= 1: number of steps
+    weight_decay: Float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    max_grad_norm: float | None = Field(1.0, ge=0)  # null or 0: no clipping
+    max_grad_norm: Float | None = Field(1.0, ge=0)  # null or 0: no clipping
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
     seed: int = 42
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(0, ge=0)  # steps; 0 = at the end only
-    save_every: int = Field(0, ge=0)  # steps; 0 = at the end only
-    keep_checkpoints: int = Field(2, ge=1)
+    log_every: Int = Field(10, ge=1)
+    eval_every: Int = Field(0, ge=0)  # steps; 0 = at the end only
+    save_every: Int = Field(0, ge=0)  # steps; 0 = at the end only
+    keep_checkpoints: Int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
 
 
 class OutputConfig(_Section):
-    dir: str = Field(min_length=1)
+    dir: Text = Field(min_length=1)
 
 
 class Config(_Section):
@@ -444,11 +459,15 @@ def _origin(origins: dict[str, str], dotted: str, fallback: str) -> str:
     return fallback
 
 
+# Union members and validators add their own names to an error's location: `targets.list[str].0`, `r.function-before[...]`.
+_UNION_TAIL = re.compile(r"[a-z]+\[.*\]|str|int|float|bool|none|function-(after|before|wrap|plain)\[.*\]")
+
+
 def _pydantic_problems(exc: ValidationError, origins: dict[str, str], fallback: str) -> list[str]:
     problems: dict[str, str] = {}
     for err in exc.errors():
         # Union members add their own tail to loc (`targets.str`, `targets.list[str].0`): drop type names.
-        loc = [str(p) for p in err["loc"] if not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool|function-after\[.*\]", str(p))]
+        loc = [str(p) for p in err["loc"] if not _UNION_TAIL.fullmatch(str(p))]
         dotted = ".".join(loc)
         if err["type"] == "extra_forbidden":
             msg = _unknown_key_message(dotted)
@@ -458,15 +477,21 @@ def _pydantic_problems(exc: ValidationError, origins: dict[str, str], fallback: 
     return list(problems.values())
 
 
-def _cross_field_problems(cfg: Config) -> tuple[list[str], list[str]]:
+def _file_of(origins: dict[str, str], dotted: str) -> str:
+    return origins.get(dotted, "").rsplit(":", 1)[0]
+
+
+def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[str], list[str]]:
     """Checks that span keys. Returns (problems, warnings) as 'dotted.key: message' lines."""
     problems: list[str] = []
     warnings: list[str] = []
     q = cfg.model.quantization
     if q is not None and q.bits == 8:
         for key in ("type", "double_quant", "compute_dtype"):
-            if key in q.model_fields_set:
-                problems.append(f"model.quantization.{key}: applies to 4-bit only (bits is 8); remove it or set bits: 4")
+            dotted = f"model.quantization.{key}"
+            # Set beside `bits: 8` it is a mistake; inherited from a 4-bit parent it simply no longer applies.
+            if key in q.model_fields_set and _file_of(origins, dotted) == _file_of(origins, "model.quantization.bits"):
+                problems.append(f"{dotted}: applies to 4-bit only (bits is 8); remove it or set bits: 4")
     t = cfg.train
     if t.warmup >= 1 and t.warmup != int(t.warmup):
         problems.append(f"train.warmup: {t.warmup} is >= 1, so it counts steps and must be a whole number "
@@ -536,7 +561,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg = Config.model_validate(layer.data)
     except ValidationError as e:
         raise ConfigError(_pydantic_problems(e, layer.origins, str(path)), source=str(path)) from None
-    problems, warnings = _cross_field_problems(cfg)
+    problems, warnings = _cross_field_problems(cfg, layer.origins)
     if problems:
         raise ConfigError([f"{_origin(layer.origins, p.split(':')[0], str(path))}: {p}" for p in problems],
                           source=str(path))

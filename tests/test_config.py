@@ -293,6 +293,27 @@ def test_quantization_defaults_are_fine_with_8_bits(tmp_path):
     assert cfg.model.quantization.bits == 8
 
 
+def test_child_can_switch_a_4bit_parent_to_8bit(tmp_path):
+    write(tmp_path / "base.yaml", minimal_with("model:\n  path: x\n  quantization:\n    bits: 4\n    type: fp4\n"))
+    child = write(tmp_path / "c.yaml", "extends: base.yaml\nmodel:\n  quantization:\n    bits: 8\n")
+    cfg = load_config(child).config
+    assert cfg.model.quantization.bits == 8 and "type" not in cfg.to_dict()["model"]["quantization"]
+
+
+@pytest.mark.parametrize("snippet, key", [("adapter:\n  r: yes\n", "adapter.r"),
+                                          ("train:\n  max_steps: true\n", "train.max_steps"),
+                                          ("train:\n  warmup: no\n", "train.warmup")])
+def test_yaml_booleans_are_not_taken_as_numbers(tmp_path, snippet, key):
+    found = problems_of(write(tmp_path / "c.yaml", minimal_with(snippet)))
+    assert any(f"{key}: must be a number, not " in p for p in found), found
+
+
+def test_numbers_given_for_names_are_read_as_text(tmp_path):
+    cfg = load_config(write(tmp_path / "c.yaml", MINIMAL), ["output.dir=2024", "model.revision=1234567",
+                                                             "train.lr=2e-4"]).config
+    assert cfg.output.dir == "2024" and cfg.model.revision == "1234567" and cfg.train.lr == 2e-4
+
+
 def test_epochs_ignored_when_max_steps_set_is_a_warning(tmp_path):
     loaded = load_config(write(tmp_path / "c.yaml", MINIMAL + "train:\n  epochs: 3\n  max_steps: 100\n"))
     assert loaded.warnings == ["train.epochs: 3 is ignored because train.max_steps (100) is set"]
