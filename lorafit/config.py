@@ -26,6 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from lorafit.errors import ConfigError
 
+
 def _not_a_bool(value: Any) -> Any:
     # YAML reads yes/no/true/false as booleans, and pydantic would take True as 1: `r: yes` is a mistake, not r=1.
     if isinstance(value, bool):

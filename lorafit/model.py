@@ -10,6 +10,7 @@ the EOS a model must learn to emit.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

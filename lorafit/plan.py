@@ -275,7 +275,7 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
         rows.append(("steps", f"{bound}{plan.steps_per_epoch} per epoch"
                               + (" (packing merges rows: fewer)" if cfg.data.packing else "")))
     if plan.total_steps is not None:
-        why = f"train.max_steps" if t.max_steps is not None else f"{t.epochs} epoch(s)"
+        why = "train.max_steps" if t.max_steps is not None else f"{t.epochs} epoch(s)"
         rows.append(("total steps", f"{'≤ ' if cfg.data.packing and t.max_steps is None else ''}"
                                     f"{plan.total_steps} ({why})"))
     if plan.memory:

@@ -99,3 +99,16 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_model(tiny_tokenizer):
     """A fresh fp32 tiny Llama (same seed every time)."""
     return build_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def learnable_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama whose output head is large enough to express a learned answer.
+
+    With the default init (std 0.02) a 64-wide model's logits span about ±1, so no adapter can push the loss far
+    below log(vocab); std 0.3 leaves room to learn.
+    """
+    path = tmp_path_factory.mktemp("learnable-llama")
+    build_tiny_llama(len(tiny_tokenizer), initializer_range=0.3).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

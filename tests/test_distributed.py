@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from test_train import (  # noqa: F401  (model_dir is a fixture)
-    _wait_for, adapter_tensors, assert_same_training, make_config, metrics, model_dir, train)
+from test_train import _wait_for, adapter_tensors, assert_same_training, make_config, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +31,9 @@ def torchrun(config: Path, *args: str, wait: bool = True):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, model_dir, grad_accum):
-    one = make_config(tmp_path, model_dir, name="one", batch_size=4, grad_accum=grad_accum, max_steps=2)
-    two = make_config(tmp_path, model_dir, name="two", batch_size=2, grad_accum=grad_accum, max_steps=2)
+def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, learnable_model_dir, grad_accum):
+    one = make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, grad_accum=grad_accum, max_steps=2)
+    two = make_config(tmp_path, learnable_model_dir, name="two", batch_size=2, grad_accum=grad_accum, max_steps=2)
     for cfg in (one, two):  # one eval row for two processes: the rank without one must not hang the other
         cfg.write_text(cfg.read_text().replace("  packing: false", "  packing: false\n  eval_fraction: 0.02"))
     assert train(one) == 0
@@ -51,10 +49,10 @@ def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, model_dir, grad
     assert last[0]["tokens"] == last[1]["tokens"]
 
 
-def test_kill_and_resume_under_two_processes_equals_a_straight_run(tmp_path, model_dir):
+def test_kill_and_resume_under_two_processes_equals_a_straight_run(tmp_path, learnable_model_dir):
     common = dict(max_steps=24, save_every=4, batch_size=1, keep_checkpoints=100)
-    straight = make_config(tmp_path, model_dir, name="straight", **common)
-    killed = make_config(tmp_path, model_dir, name="killed", **common)
+    straight = make_config(tmp_path, learnable_model_dir, name="straight", **common)
+    killed = make_config(tmp_path, learnable_model_dir, name="killed", **common)
     for cfg in (straight, killed):
         cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
     torchrun(straight)
@@ -72,8 +70,8 @@ def test_kill_and_resume_under_two_processes_equals_a_straight_run(tmp_path, mod
         assert torch.equal(a[k], b[k]), k
 
 
-def test_sigterm_under_two_processes_saves_one_checkpoint(tmp_path, model_dir):
-    config = make_config(tmp_path, model_dir, max_steps=100000, batch_size=1)
+def test_sigterm_under_two_processes_saves_one_checkpoint(tmp_path, learnable_model_dir):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=100000, batch_size=1)
     proc = torchrun(config, wait=False)
     try:
         _wait_for(tmp_path / "run" / "metrics.jsonl", proc)

@@ -17,21 +17,6 @@ from safetensors.torch import load_file
 
 from lorafit.cli import main
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny Llama whose output head is large enough to express a learned answer.
-
-    With the default init (std 0.02) a 64-wide model's logits span about ±1, so no adapter can push the loss far
-    below log(vocab); std 0.3 leaves room to learn.
-    """
-    from conftest import build_tiny_llama
-
-    path = tmp_path_factory.mktemp("learnable-llama")
-    build_tiny_llama(len(tiny_tokenizer), initializer_range=0.3).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 WORDS = ["stone", "river", "cloud", "apple", "green", "house", "light", "water", "table", "night", "bread", "chair"]
 
 
@@ -43,7 +28,7 @@ def write_task(path: Path, n: int = 48) -> Path:
     return path
 
 
-def make_config(tmp_path: Path, model_dir: Path, name: str = "run", **train) -> Path:
+def make_config(tmp_path: Path, learnable_model_dir: Path, name: str = "run", **train) -> Path:
     data = write_task(tmp_path / "task.jsonl")
     train_keys = {"batch_size": 4, "grad_accum": 1, "lr": 1e-2, "max_steps": 6, "warmup": 0, "precision": "fp32",
                   "gradient_checkpointing": False, "log_every": 1, "seed": 7, **train}
@@ -51,7 +36,7 @@ def make_config(tmp_path: Path, model_dir: Path, name: str = "run", **train) -> 
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""
         model:
-          path: {model_dir}
+          path: {learnable_model_dir}
           dtype: float32
         adapter:
           r: 4
@@ -110,8 +95,8 @@ def assert_same_training(a_dir: Path, b_dir: Path, rtol: float) -> None:
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # the adapter actually trained
 
 
-def test_loss_falls_and_run_dir_is_complete(tmp_path, model_dir, capsys):
-    config = make_config(tmp_path, model_dir, max_steps=30, eval_every=10)
+def test_loss_falls_and_run_dir_is_complete(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=30, eval_every=10)
     config.write_text(config.read_text().replace("  packing: false", "  packing: false\n  eval_fraction: 0.1"))
     assert train(config) == 0
     run = tmp_path / "run"
@@ -127,15 +112,15 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, model_dir, capsys):
     assert "lorafit eval" in out and "lorafit merge" in out
 
 
-def test_accumulation_equals_one_large_batch(tmp_path, model_dir):
-    big = make_config(tmp_path, model_dir, name="big", batch_size=4, grad_accum=1, max_steps=3)
-    acc = make_config(tmp_path, model_dir, name="acc", batch_size=1, grad_accum=4, max_steps=3)
+def test_accumulation_equals_one_large_batch(tmp_path, learnable_model_dir):
+    big = make_config(tmp_path, learnable_model_dir, name="big", batch_size=4, grad_accum=1, max_steps=3)
+    acc = make_config(tmp_path, learnable_model_dir, name="acc", batch_size=1, grad_accum=4, max_steps=3)
     assert train(big) == 0 and train(acc) == 0
     assert_same_training(tmp_path / "big", tmp_path / "acc", rtol=1e-5)
 
 
-def test_existing_run_dir_is_not_overwritten(tmp_path, model_dir, capsys):
-    config = make_config(tmp_path, model_dir, max_steps=1)
+def test_existing_run_dir_is_not_overwritten(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=1)
     assert train(config) == 0
     before = adapter_tensors(tmp_path / "run")
     capsys.readouterr()
@@ -145,18 +130,18 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, model_dir, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path, model_dir, capsys):
-    config = make_config(tmp_path, model_dir, max_steps=1)
+def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=1)
     assert train(config, "model.path=/nonexistent/model") == 2
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert train(config) == 0
     assert "/nonexistent" not in (tmp_path / "run" / "config.yaml").read_text()
 
 
-def test_output_dir_holding_the_users_own_config_is_refused(tmp_path, model_dir, capsys):
+def test_output_dir_holding_the_users_own_config_is_refused(tmp_path, learnable_model_dir, capsys):
     exp = tmp_path / "exp"
     exp.mkdir()
-    config = make_config(exp, model_dir, max_steps=1)
+    config = make_config(exp, learnable_model_dir, max_steps=1)
     user_config = exp / "config.yaml"
     user_config.write_text(config.read_text().replace(str(exp / "run"), str(exp)))
     before = user_config.read_text()
@@ -165,8 +150,8 @@ def test_output_dir_holding_the_users_own_config_is_refused(tmp_path, model_dir,
     assert user_config.read_text() == before
 
 
-def test_resume_without_a_checkpoint_says_what_to_do(tmp_path, model_dir, capsys):
-    config = make_config(tmp_path, model_dir, max_steps=2)
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=2)
     assert train(config) == 0
     capsys.readouterr()
     assert train(config, "--resume") == 2
@@ -188,8 +173,8 @@ def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
     assert newest_checkpoint(tmp_path).name == "step-1000000"
 
 
-def test_changed_config_refuses_to_resume(tmp_path, model_dir, capsys):
-    config = make_config(tmp_path, model_dir, max_steps=4, save_every=2)
+def test_changed_config_refuses_to_resume(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=4, save_every=2)
     assert train(config) == 0
     capsys.readouterr()
     assert train(config, "--resume", "train.lr=1e-3", "adapter.r=8") == 2
@@ -197,7 +182,7 @@ def test_changed_config_refuses_to_resume(tmp_path, model_dir, capsys):
     assert "differs from the run's" in err and "adapter.r, train.lr" in err
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, model_dir, capsys, monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, learnable_model_dir, capsys, monkeypatch):
     import lorafit.data
 
     real = lorafit.data.causal_lm_loss
@@ -209,7 +194,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, model_di
         return (loss * float("nan"), n) if calls["n"] == 4 else (loss, n)
 
     monkeypatch.setattr(lorafit.data, "causal_lm_loss", poisoned)
-    config = make_config(tmp_path, model_dir, max_steps=6, save_every=2)
+    config = make_config(tmp_path, learnable_model_dir, max_steps=6, save_every=2)
     assert train(config) == 1
     err = capsys.readouterr().err
     assert "loss became nan at step 4" in err and "step-000002" in err and "Traceback" not in err
@@ -234,11 +219,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_dir):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, learnable_model_dir):
     # dropout on, so the resumed run must restore RNG state to match
     common = dict(max_steps=40, save_every=4, batch_size=2, keep_checkpoints=100)  # step 8 must stay to be seen
-    straight = make_config(tmp_path, model_dir, name="straight", **common)
-    killed = make_config(tmp_path, model_dir, name="killed", **common)
+    straight = make_config(tmp_path, learnable_model_dir, name="straight", **common)
+    killed = make_config(tmp_path, learnable_model_dir, name="killed", **common)
     for cfg in (straight, killed):
         cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
     assert train(straight) == 0
@@ -255,8 +240,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_dir):
     assert steps == list(range(1, 41))  # no step lost or logged twice
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, model_dir):
-    config = make_config(tmp_path, model_dir, max_steps=100000, batch_size=1)
+def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, learnable_model_dir):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=100000, batch_size=1)
     proc = _spawn(config)
     try:
         _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
@@ -270,8 +255,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path, model_dir):
     assert len(ckpts) == 1 and (ckpts[0] / "state.json").is_file()
 
 
-def test_qlora_run_with_8bit_optimizer_trains_and_merges(tmp_path, model_dir, capsys):
-    config = make_config(tmp_path, model_dir, max_steps=3, optimizer="adamw_8bit", gradient_checkpointing="true")
+def test_qlora_run_with_8bit_optimizer_trains_and_merges(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=3, optimizer="adamw_8bit", gradient_checkpointing="true")
     overrides = ["model.quantization.bits=4", "model.quantization.compute_dtype=float32"]
     assert train(config, *overrides) == 0
     adapter = adapter_tensors(tmp_path / "run")
@@ -282,16 +267,16 @@ def test_qlora_run_with_8bit_optimizer_trains_and_merges(tmp_path, model_dir, ca
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "merged").iterdir())
 
 
-def test_missing_tracker_package_is_named_before_anything_is_written(tmp_path, model_dir, capsys):
-    config = make_config(tmp_path, model_dir, trackers="[wandb]")
+def test_missing_tracker_package_is_named_before_anything_is_written(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, trackers="[wandb]")
     assert train(config) == 2
     assert "train.trackers: wandb is not installed; pip install wandb" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_output_dir_is_reported_before_training(tmp_path, model_dir, capsys):
+def test_unwritable_output_dir_is_reported_before_training(tmp_path, learnable_model_dir, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    config = make_config(tmp_path, model_dir)
+    config = make_config(tmp_path, learnable_model_dir)
     assert train(config, f"output.dir={blocker / 'run'}") == 2
     assert "is not writable" in capsys.readouterr().err
