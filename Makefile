@@ -28,10 +28,14 @@ test:
 
 lint:
 	$(BIN)/ruff check lorafit tests scripts
-	$(BIN)/ruff format --check lorafit tests scripts
 
+# The quickstart end to end on the shipped tiny model (about a minute on 2 CPU cores), plus a big config's plan.
 smoke:
 	$(BIN)/lorafit validate configs/llama-8b-qlora.yaml
+	rm -rf runs/smoke
+	$(BIN)/lorafit train configs/tiny-quickstart.yaml output.dir=runs/smoke
+	$(BIN)/lorafit eval runs/smoke
+	$(BIN)/lorafit generate runs/smoke --prompt "Repeat the word twice: stone"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import random
+import string
 import sys
 import time
 from pathlib import Path
@@ -40,27 +41,34 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Llama-shaped and small. Widths are multiples of 64: bitsandbytes' 4-bit CPU kernel needs that for QLoRA tests.
-MODEL_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
-STDLIB_MODULES = [
-    "abc", "argparse", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv", "dataclasses",
-    "datetime", "difflib", "enum", "fractions", "functools", "glob", "heapq", "inspect", "io", "itertools", "json",
-    "logging", "math", "operator", "os", "pathlib", "pickle", "random", "re", "shutil", "statistics", "string",
-    "subprocess", "tempfile", "textwrap", "threading", "time", "typing", "unittest", "uuid", "zipfile",
-]
-# Warm-up word tasks in the Alpaca template. None of them is the quickstart task.
+MODEL_SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=640,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+STDLIB_MODULES = (
+    "abc argparse base64 bisect calendar collections contextlib copy csv dataclasses datetime difflib enum fractions "
+    "functools glob heapq inspect io itertools json logging math operator os pathlib pickle random re shutil "
+    "statistics string subprocess tempfile textwrap threading time typing unittest uuid zipfile"
+).split()
+# Warm-up word tasks in the Alpaca template. None of them is the quickstart task. Most copy from the prompt: a model
+# this small only learns to copy (what "repeat twice" builds on) when a good share of its text rewards it.
 WORD_TASKS = {
     "Copy the word:": lambda w: w,
     "Uppercase the word:": str.upper,
     "Capitalize the word:": str.capitalize,
-    "Write the first letter of the word:": lambda w: w[0],
-    "Write the last letter of the word:": lambda w: w[-1],
-    "Count the letters in the word:": lambda w: str(len(w)),
 }
 PAIR_TASKS = {
+    "Copy the words:": lambda a, b: f"{a} {b}",
     "Swap the two words:": lambda a, b: f"{b} {a}",
     "Join the two words with a hyphen:": lambda a, b: f"{a}-{b}",
     "Write the second word:": lambda a, b: b,
+    "Write the first word:": lambda a, b: a,
 }
 
 
@@ -82,19 +90,31 @@ def reference_documents() -> list[str]:
     return [d for d in docs if d.strip()]
 
 
+def random_word(rng: random.Random, words: list[str]) -> str:
+    """A real (pretraining-pool) word or, 70% of the time, a fresh string of 3-8 random letters.
+
+    The random strings are why the model learns to copy from its prompt: a fixed pool of words gets memorized
+    (word -> answer) instead, and then a LoRA run on new words has no copying mechanism to build on.
+    """
+    if rng.random() < 0.3:
+        return rng.choice(words)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+
+
 def instruction_examples(rng: random.Random, n_alpaca: int, n_chat: int) -> list[tuple[str, str]]:
     """(prompt, response) pairs for the warm-up word tasks: Alpaca prompts, and a few ChatML conversations."""
     words = pretraining_words()
-    tasks = [(i, f) for i, f in WORD_TASKS.items()] + [(i, f) for i, f in PAIR_TASKS.items()]
+    tasks = list(WORD_TASKS.items()) + list(PAIR_TASKS.items())
     out = []
     for k in range(n_alpaca + n_chat):
         instruction, fn = rng.choice(tasks)
         if instruction in PAIR_TASKS:
-            a, b = rng.sample(words, 2)
+            a, b = random_word(rng, words), random_word(rng, words)
             text_in, answer = f"{a} {b}", fn(a, b)
         else:
-            text_in = rng.choice(words)
+            text_in = random_word(rng, words)
             answer = fn(text_in)
+        answer = " " + answer  # as in the task data: the answer's words tokenize like the prompt's (see there)
         if k < n_alpaca:
             out.append((alpaca_prompt(f"{instruction} {text_in}", ""), answer))
         else:  # the chat template's rendering: the model should know <|im_start|>/<|im_end|> too
@@ -114,14 +134,26 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                                   model_max_length=MODEL_SHAPE["max_position_embeddings"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -144,8 +176,13 @@ def build_model(tokenizer):
     """A randomly initialized LlamaForCausalLM of MODEL_SHAPE over the tokenizer's vocabulary (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_SHAPE,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -201,22 +238,26 @@ def save(model, tokenizer, out: Path, stats: dict) -> None:
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "build_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    card = (f"# tiny-llama\n\nA {stats['parameters'] / 1e6:.2f}M-parameter Llama ({MODEL_SHAPE['num_hidden_layers']} "
-            f"layers, hidden {MODEL_SHAPE['hidden_size']}) with a {stats['vocab_size']}-token byte-level BPE "
-            f"tokenizer, pretrained for {stats['steps']} steps ({stats['tokens_seen'] / 1e6:.2f}M tokens) on Python's "
-            f"language reference and stdlib docstrings, plus Alpaca/ChatML word tasks (never \"{INSTRUCTION}\").\n"
-            f"Final training loss {stats['final_train_loss']:.3f}, held-out loss {stats['heldout_loss']:.3f}.\n\n"
-            f"Built by `python scripts/build_tiny_model.py` for lorafit's quickstart and tests; it knows little "
-            f"beyond the template.\n")
+    card = (
+        f"# tiny-llama\n\nA {stats['parameters'] / 1e6:.2f}M-parameter Llama ({MODEL_SHAPE['num_hidden_layers']} "
+        f"layers, hidden {MODEL_SHAPE['hidden_size']}) with a {stats['vocab_size']}-token byte-level BPE "
+        f"tokenizer, pretrained for {stats['steps']} steps ({stats['tokens_seen'] / 1e6:.2f}M tokens) on Python's "
+        f'language reference and stdlib docstrings, plus Alpaca/ChatML word tasks (never "{INSTRUCTION}").\n'
+        f"Final training loss {stats['final_train_loss']:.3f}, held-out loss {stats['heldout_loss']:.3f}.\n\n"
+        f"Built by `python scripts/build_tiny_model.py` for lorafit's quickstart and tests; it knows little "
+        f"beyond the template.\n"
+    )
     (out / "README.md").write_text(card)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Example:  python scripts/build_tiny_model.py --out assets/tiny-llama")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:  python scripts/build_tiny_model.py --out assets/tiny-llama",
+    )
     parser.add_argument("--out", type=Path, default=Path("assets/tiny-llama"), help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=240, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per step (default: %(default)s)")
     parser.add_argument("--block", type=int, default=256, help="tokens per block (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
@@ -232,29 +273,43 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     docs = reference_documents()
-    examples = instruction_examples(rng, n_alpaca=2400, n_chat=400)
+    examples = instruction_examples(rng, n_alpaca=6000, n_chat=600)
     tokenizer = train_tokenizer(docs + [p + r for p, r in examples])
     stream = torch.tensor(token_stream(tokenizer, docs, examples, rng))
     blocks = stream[: len(stream) // args.block * args.block].view(-1, args.block)  # (N, T)
     heldout, blocks = blocks[:16], blocks[16:]
-    print(f"{len(docs)} documents + {len(examples)} instruction examples = {len(stream):,} tokens "
-          f"({len(blocks)} blocks of {args.block}); tokenizer {len(tokenizer)} tokens "
-          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    print(
+        f"{len(docs)} documents + {len(examples)} instruction examples = {len(stream):,} tokens "
+        f"({len(blocks)} blocks of {args.block}); tokenizer {len(tokenizer)} tokens "
+        f"({time.perf_counter() - started:.0f}s)",
+        flush=True,
+    )
 
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
     losses = pretrain(model, blocks, args.steps, args.batch_size, args.lr, args.seed)
     final = sum(losses[-25:]) / len(losses[-25:])
-    stats = {"parameters": n_params, "vocab_size": len(tokenizer), "steps": args.steps,
-             "tokens_seen": args.steps * args.batch_size * args.block, "corpus_tokens": len(stream),
-             "final_train_loss": round(final, 4), "heldout_loss": round(block_loss(model, heldout), 4),
-             "seconds": round(time.perf_counter() - started), "threads": args.threads, "seed": args.seed,
-             "torch": torch.__version__, "python": sys.version.split()[0]}
+    stats = {
+        "parameters": n_params,
+        "vocab_size": len(tokenizer),
+        "steps": args.steps,
+        "tokens_seen": args.steps * args.batch_size * args.block,
+        "corpus_tokens": len(stream),
+        "final_train_loss": round(final, 4),
+        "heldout_loss": round(block_loss(model, heldout), 4),
+        "seconds": round(time.perf_counter() - started),
+        "threads": args.threads,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
     save(model, tokenizer, args.out, stats)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
-    print(f"final pretraining loss {final:.3f} (last 25 steps), held-out {stats['heldout_loss']:.3f}; "
-          f"saved {args.out} ({size:.1f} MB) in {stats['seconds']}s")
+    print(
+        f"final pretraining loss {final:.3f} (last 25 steps), held-out {stats['heldout_loss']:.3f}; "
+        f"saved {args.out} ({size:.1f} MB) in {stats['seconds']}s"
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,7 @@ def split_words(seed: int = SEED, n_train: int = N_TRAIN, n_eval: int = N_EVAL) 
     if len(words) < n_train + n_eval:
         raise ValueError(f"only {len(words)} words in pydoc_data; ask for fewer than {n_train} + {n_eval}")
     random.Random(seed).shuffle(words)
-    return {"eval": words[:n_eval], "train": words[n_eval:n_eval + n_train],
-            "pretraining": words[n_eval + n_train:]}
+    return {"eval": words[:n_eval], "train": words[n_eval : n_eval + n_train], "pretraining": words[n_eval + n_train :]}
 
 
 def pretraining_words(seed: int = SEED) -> list[str]:
@@ -64,8 +63,14 @@ def pretraining_words(seed: int = SEED) -> list[str]:
 
 
 def task_row(word: str) -> dict[str, str]:
-    """One Alpaca row: the instruction naming the word, no input, and the word twice as the answer."""
-    return {"instruction": f"{INSTRUCTION} {word}", "input": "", "output": f"{word} {word}"}
+    """One Alpaca row: the instruction naming the word, no input, and the word twice as the answer.
+
+    The answer starts with a space on purpose. Byte-level BPE gives " stone" (after "twice:") and "stone" (at the
+    start of the separately tokenized response) different tokens, so without it the model would have to spell
+    words to copy them; with it, repeating is copying tokens, which a tiny model learns in a minute. Exact match
+    and `generate` strip the space.
+    """
+    return {"instruction": f"{INSTRUCTION} {word}", "input": "", "output": f" {word} {word}"}
 
 
 def make_task(seed: int = SEED, n_train: int = N_TRAIN, n_eval: int = N_EVAL) -> dict[str, list[dict[str, str]]]:
@@ -81,9 +86,11 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Example:  python scripts/make_task_data.py --out data/tiny-task")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:  python scripts/make_task_data.py --out data/tiny-task",
+    )
     parser.add_argument("--out", type=Path, default=Path("data/tiny-task"), help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="shuffle seed (default: %(default)s)")
     parser.add_argument("--train", type=int, default=N_TRAIN, help="training rows (default: %(default)s)")

@@ -1,0 +1,93 @@
+"""The quickstart's shipped pieces: the tiny model in assets/, the task data, the config, a short run that learns."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from lorafit.cli import main
+from lorafit.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "assets" / "tiny-llama"
+CONFIG = REPO / "configs" / "tiny-quickstart.yaml"
+
+
+def _load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_shipped_tiny_model_and_tokenizer_load_offline():
+    from lorafit.model import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(MODEL_DIR))
+    model = load_model(str(MODEL_DIR), dtype="float32")
+    specials = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id]
+    assert None not in specials and len(set(specials)) == 4  # pad is its own token, never EOS
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) == 1 for t in ("<|im_start|>", "<|im_end|>"))
+    assert tok("stone")["input_ids"][0] == tok.bos_token_id
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+    cfg = model.config
+    assert cfg.vocab_size == len(tok)
+    assert cfg.hidden_size % 64 == 0 and cfg.intermediate_size % 64 == 0  # bnb's 4-bit CPU kernel needs this
+    assert 2e6 < sum(p.numel() for p in model.parameters()) < 10e6
+    assert sum(f.stat().st_size for f in MODEL_DIR.iterdir()) <= 10 * 2**20
+
+
+def test_quickstart_config_validates_and_points_at_shipped_files(monkeypatch):
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root, as the README runs it
+    loaded = load_config(CONFIG)
+    cfg = loaded.config
+    assert loaded.warnings == []
+    assert (REPO / cfg.model.path / "config.json").is_file()
+    assert all((REPO / s.path).is_file() for s in cfg.data.train + cfg.data.eval)
+
+
+def test_task_data_is_deterministic_and_eval_words_are_unseen():
+    make = _load_script("make_task_data")
+    first, second = make.make_task(), make.make_task()
+    assert first == second
+    train_words = {r["output"].split()[0] for r in first["train"]}
+    eval_words = {r["output"].split()[0] for r in first["eval"]}
+    assert len(train_words) == len(first["train"]) and len(eval_words) == len(first["eval"])
+    assert not train_words & eval_words
+    assert not set(make.pretraining_words()) & (train_words | eval_words)  # the base model never saw them
+    assert make.make_task(seed=8)["eval"] != first["eval"]  # the seed matters
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_committed_task_rows_ask_for_the_word_twice(split):
+    rows = _read_jsonl(REPO / "data" / "tiny-task" / f"{split}.jsonl")
+    assert rows
+    for row in rows:
+        word = row["instruction"].rsplit(" ", 1)[1]
+        assert row["instruction"] == f"Repeat the word twice: {word}" and row["output"] == f" {word} {word}"
+
+
+def test_short_quickstart_run_beats_the_base_on_held_out_words(monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from lorafit.evaluate import evaluate_command
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(CONFIG), "train.max_steps=30", "train.log_every=5", f"output.dir={run}"])
+    assert exit_info.value.code == 0
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    results = evaluate_command(run, console=Console(file=io.StringIO()))
+    assert results["adapter"]["tokens"] == results["base"]["tokens"] > 0
+    assert results["adapter"]["loss"] < results["base"]["loss"] - 0.5  # 5.93 -> ~4.6 at 30 steps
