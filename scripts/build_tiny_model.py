@@ -257,7 +257,7 @@ def main() -> None:
         epilog="Example:  python scripts/build_tiny_model.py --out assets/tiny-llama",
     )
     parser.add_argument("--out", type=Path, default=Path("assets/tiny-llama"), help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3500, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per step (default: %(default)s)")
     parser.add_argument("--block", type=int, default=256, help="tokens per block (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
