@@ -112,3 +112,20 @@ def learnable_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     build_tiny_llama(len(tiny_tokenizer), initializer_range=0.3).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process `lorafit train` gets a new Accelerator, as each CLI process does.
+
+    accelerate keeps its state (mixed precision included) in process-wide singletons; a run in fp32 followed by one
+    in bf16 in the same test process would otherwise be refused.
+    """
+    yield
+    import sys
+
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
