@@ -180,11 +180,14 @@ def _count(sources: list[Any]) -> list[DataCount]:
 
 def _steps(cfg: Config, train_rows: int | None, world: int) -> tuple[int | None, int | None]:
     """Optimizer steps per epoch (an upper bound with packing, which merges rows) and in total."""
+    from lorafit.data.build import held_out_count
+    from lorafit.schedule import steps_per_epoch
+
     t = cfg.train
     per_epoch = None
     if train_rows is not None:
-        kept = train_rows - math.ceil(train_rows * cfg.data.eval_fraction) if not cfg.data.eval else train_rows
-        per_epoch = max(1, math.ceil(kept / (t.batch_size * t.grad_accum * world)))
+        kept = train_rows - (0 if cfg.data.eval else held_out_count(train_rows, cfg.data.eval_fraction))
+        per_epoch = steps_per_epoch(kept, t.batch_size * t.grad_accum * world)
     total = t.max_steps if t.max_steps is not None else (per_epoch * t.epochs if per_epoch else None)
     return per_epoch, total
 

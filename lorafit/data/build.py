@@ -63,13 +63,18 @@ class Prepared:
     end_ids: list[set[int]]  # per train source: the ids that teach the model to stop
 
 
+def held_out_count(n_rows: int, fraction: float) -> int:
+    """How many of `n_rows` train rows `data.eval_fraction` holds out for eval."""
+    return math.ceil(n_rows * fraction) if fraction > 0 else 0
+
+
 def split_eval(n_rows: int, fraction: float, seed: int) -> set[int]:
     """Row indices (over all train sources, in order) held out for eval: a seeded, order-independent draw."""
     if fraction <= 0:
         return set()
     order = list(range(n_rows))
     random.Random(seed).shuffle(order)
-    return set(order[: math.ceil(n_rows * fraction)])
+    return set(order[: held_out_count(n_rows, fraction)])
 
 
 def _load_all(sources: list[DataSource], tokenizer, data_cfg: DataConfig, cache_dir: Path | None):
