@@ -6,7 +6,9 @@ uninterrupted run would, on any number of processes.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
@@ -31,12 +33,13 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=2)  # the loop asks every step; a permutation of millions of rows is worth keeping
+def epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
     """A permutation of row indices for `epoch`: deterministic in (seed, epoch), independent of global RNG."""
     import torch
 
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_rows, generator=g).tolist()
+    return tuple(torch.randperm(n_rows, generator=g).tolist())
 
 
 def steps_per_epoch(n_rows: int, global_batch: int) -> int:
@@ -44,7 +47,7 @@ def steps_per_epoch(n_rows: int, global_batch: int) -> int:
     return max(1, math.ceil(n_rows / global_batch))
 
 
-def micro_batches(order: list[int], step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[list[int]]:
+def micro_batches(order: Sequence[int], step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[list[int]]:
     """Row indices for this process's `grad_accum` micro-batches of optimizer step `step` within an epoch.
 
     The global batch (batch_size × grad_accum × world rows) is cut into `world` contiguous shards, one per rank,

@@ -46,7 +46,7 @@ def test_global_batch_is_the_same_rows_however_it_is_split():
     accum = micro_batches(order, step=1, batch_size=1, grad_accum=4, rank=0, world=1)
     ranks = [micro_batches(order, step=1, batch_size=2, grad_accum=1, rank=r, world=2) for r in (0, 1)]
     flat = lambda mbs: [i for mb in mbs for i in mb]  # noqa: E731
-    assert flat(accum) == flat(one) == flat(ranks[0]) + flat(ranks[1]) == order[4:8]
+    assert flat(accum) == flat(one) == flat(ranks[0]) + flat(ranks[1]) == list(order[4:8])
 
 
 def test_last_partial_batch_wraps_to_the_epoch_start():
