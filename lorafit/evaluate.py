@@ -33,7 +33,8 @@ def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: 
     Returns:
         {"loss", "perplexity", "tokens"} where tokens counts supervised tokens on all processes.
     """
-    from lorafit.data import causal_lm_loss, collate
+    from lorafit.data import collate
+    from lorafit.loss import chunked_causal_lm_loss
 
     was_training = model.training
     model.eval()
@@ -44,9 +45,8 @@ def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: 
         batch = collate(mine[start: start + batch_size], pad_id=pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with accelerator.autocast():
-            logits = model(**batch, use_cache=False).logits
-        summed, count = causal_lm_loss(logits, labels)
+        with accelerator.autocast():  # supervised positions only, a chunk at a time: no (B, T, V) logits
+            summed, count = chunked_causal_lm_loss(model, batch, labels)
         loss_sum += summed.double()
         tokens += count
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
