@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,11 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, config_path: Path)
         raise RunDirError(f"output.dir {run_dir} is the folder of the config itself: lorafit would write its "
                           f"resolved config over {config_path}; choose another output.dir")
     if resume:
-        _check_resumable(run_dir, cfg)
+        changed = _check_resumable(run_dir, cfg)
+        if changed:  # recorded, so the next --resume compares against what this one ran with
+            print(f"warning: resuming with changed {', '.join(changed)}; where these change the math (lr, "
+                  f"max_grad_norm) the result differs from an uninterrupted run", file=sys.stderr, flush=True)
+            config_file.write_text(CONFIG_HEADER + cfg.to_yaml())
     elif run_dir.exists() and not _only_a_failed_start(run_dir):
         raise RunDirError(f"output.dir {run_dir} already holds files; add --resume to continue that run, or choose "
                           f"another folder (output.dir=... on the command line)")
@@ -73,13 +78,21 @@ def _only_a_failed_start(run_dir: Path) -> bool:
     return files == [config_file] and config_file.read_text().startswith(CONFIG_HEADER)
 
 
-def _check_resumable(run_dir: Path, cfg: Config) -> None:
+# Keys a resumed run may change: how it reports and saves, and the two knobs one turns after a diverged run.
+# Anything else (data, model, adapter, batch, schedule length) would make the checkpoint a different run's.
+RESUMABLE_CHANGES = frozenset({"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+                               "train.trackers", "train.lr", "train.max_grad_norm"})
+
+
+def _check_resumable(run_dir: Path, cfg: Config) -> list[str]:
+    """Refuse to resume a run that cannot be; returns the keys that changed in ways a resume allows."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise RunDirError(f"{run_dir}: no run to resume here (no config.yaml); start without --resume")
     changed = config_diff(yaml.safe_load(config_file.read_text()), cfg.to_dict())
-    if changed:
-        raise ConfigError(f"--resume: the config differs from the run's {config_file} in: {', '.join(changed)}; "
+    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if refused:
+        raise ConfigError(f"--resume: the config differs from the run's {config_file} in: {', '.join(refused)}; "
                           f"resume with the same config, or train into a new output.dir")
     if newest_checkpoint(run_dir) is None:
         finished = (run_dir / "adapter").is_dir()
@@ -87,6 +100,7 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
                           else "it stopped before its first checkpoint, so there is nothing to resume; move or "
                                f"delete the folder (rm -r {run_dir}) and start again, and set train.save_every to "
                                f"keep checkpoints"))
+    return changed
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -336,7 +336,8 @@ def _check_finite(loss: float, grad_norm: float, step: int, run_dir: Path, skip_
     last = runstate.newest_checkpoint(run_dir)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
     raise TrainingStopped(f"the {bad} became {loss if bad == 'loss' else grad_norm} at step {step}; stopped. "
-                           f"{kept}. Try a lower train.lr, train.precision fp32, or train.max_grad_norm 1.0", exit_code=1)
+                           f"{kept}. Resume from it with a lower rate (lorafit train CONFIG --resume train.lr=...) or "
+                          f"start again with train.precision fp32", exit_code=1)
 
 
 @dataclass

@@ -177,9 +177,19 @@ def test_changed_config_refuses_to_resume(tmp_path, learnable_model_dir, capsys)
     config = make_config(tmp_path, learnable_model_dir, max_steps=4, save_every=2)
     assert train(config) == 0
     capsys.readouterr()
-    assert train(config, "--resume", "train.lr=1e-3", "adapter.r=8") == 2
+    assert train(config, "--resume", "train.lr=1e-3", "adapter.r=8", "data.max_length=128") == 2
     err = capsys.readouterr().err
-    assert "differs from the run's" in err and "adapter.r, train.lr" in err
+    assert "differs from the run's" in err and "in: adapter.r, data.max_length;" in err  # lr alone may change
+
+
+def test_resume_may_lower_the_learning_rate_and_records_it(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=4, save_every=2, keep_checkpoints=5)
+    assert train(config) == 0
+    capsys.readouterr()
+    assert train(config, "--resume", "train.lr=1e-3") == 0
+    assert "warning: resuming with changed train.lr" in capsys.readouterr().err
+    assert "lr: 0.001" in (tmp_path / "run" / "config.yaml").read_text()
+    assert [m["step"] for m in metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3, 4]
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, learnable_model_dir, capsys, monkeypatch):
