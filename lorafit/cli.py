@@ -67,18 +67,22 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 @app.command()
-def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+def validate(
+    config: Path = ConfigArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, show_default=False,
+                                            help="Plan for N data-parallel processes (GPUs); default 1."),
+) -> None:
     """Check a config and show the plan: resolved config, model, targets, parameters, data, steps, memory.
 
-    Nothing is trained and no weights are loaded.
+    Nothing is trained and no weights are loaded. Memory is per device.
 
-    Example:  lorafit validate configs/llama-8b-qlora.yaml train.batch_size=2
+    Example:  lorafit validate configs/llama-8b-qlora.yaml train.batch_size=2 --processes 4
     """
     from lorafit.plan import make_plan, print_plan
 
     loaded = _load(config, overrides)
-    console = _console()
-    print_plan(console, loaded, make_plan(loaded.config), show_config=True)
+    print_plan(_console(), loaded, make_plan(loaded.config, processes), show_config=True)
 
 
 @app.command()

@@ -192,12 +192,17 @@ def _steps(cfg: Config, train_rows: int | None, world: int) -> tuple[int | None,
     return per_epoch, total
 
 
-def make_plan(cfg: Config) -> Plan:
-    """Everything `validate` shows, computed without loading weights or tokenizing data."""
+def make_plan(cfg: Config, processes: int | None = None) -> Plan:
+    """Everything `validate` shows, computed without loading weights or tokenizing data.
+
+    Args:
+        cfg: the validated config.
+        processes: data-parallel processes to plan for; default: torchrun's WORLD_SIZE, or 1.
+    """
     hf_config, source = _find_model_config(cfg)
     shape = _model_shape(cfg, hf_config, source) if hf_config is not None else None
     train_data, eval_data = _count(cfg.data.train), _count(cfg.data.eval)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = processes or int(os.environ.get("WORLD_SIZE", "1"))
     rows = [d.rows for d in train_data]
     per_epoch, total = _steps(cfg, None if None in rows else sum(rows), world)
     memory = estimate_memory(cfg, shape) if shape is not None else {}

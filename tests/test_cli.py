@@ -100,7 +100,7 @@ def test_debug_environment_variable_shows_the_traceback(capsys, tmp_path, monkey
 def test_internal_failure_exits_1_and_says_it_is_not_the_users_fault(capsys, tiny_config, monkeypatch):
     import lorafit.plan
 
-    def broken(cfg):
+    def broken(cfg, processes=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(lorafit.plan, "make_plan", broken)
@@ -123,6 +123,13 @@ def test_validate_prints_resolved_config_and_plan_for_a_local_model(capsys, tiny
     assert "train.jsonl (alpaca): 10 rows" in out
     assert "≤ 3 per epoch" in out  # 10 rows / (2 × 2) rows per step, fewer when packed
     assert "memory (est.)" in out
+
+
+def test_validate_plans_for_several_processes(capsys, tiny_config):
+    code, out, err = run_main(["validate", str(tiny_config), "--processes", "2"], capsys)
+    assert code == 0, err
+    assert "2 per device × 2 accumulation × 2 process(es) = 8" in out
+    assert "≤ 2 per epoch" in out  # 10 rows / 8 rows per step, rounded up
 
 
 def test_validate_counts_a_bundled_8b_architecture_offline(capsys):
