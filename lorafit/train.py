@@ -219,6 +219,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
         if eval_rows:
             reporter.eval(progress.step, run.evaluate())
         reporter.finish(loaded.path)
+        accelerator.wait_for_everyone()  # no rank tears down the process group while another still uses it
     finally:
         stop.restore()
         accelerator.end_training()
