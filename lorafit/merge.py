@@ -20,9 +20,6 @@ on the CPU bitsandbytes repacks 4-bit weights and computes with bf16 block scale
 from __future__ import annotations
 
 import gc
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,33 +267,35 @@ def merge_adapter(source: Path, out: Path, dtype: str = "bfloat16", max_shard_si
     report = MergeReport(out, layers, dtype, max_relative_difference(logits_of(model, samples), reference),
                          float("nan"), SAVED_TOLERANCE[dtype], effect)
     _check(report.max_rel_diff, MERGE_TOLERANCE, "the merged float32 model", out)
-    merged = _write_and_verify(model, tokenizer, src, out, report, samples, reference, max_shard_size)
+    holder = [model]  # the write step takes the only reference, so the float32 model is freed before the reload
+    del model
+    merged = _write_and_verify(holder, tokenizer, src, out, report, samples, reference, max_shard_size)
     if kernel_logits is not None:
         report.kernel_rel_diff = max_relative_difference(merged, kernel_logits)
     _print_report(console, src, report)
     return report
 
 
-def _write_and_verify(model, tokenizer, src: Source, out: Path, report: MergeReport, samples, reference,
+def _write_and_verify(holder: list, tokenizer, src: Source, out: Path, report: MergeReport, samples, reference,
                       max_shard_size) -> list[torch.Tensor]:
-    """Save into a temporary folder beside `out`, check it against `reference`, then rename it into place.
+    """Save the model (taken out of `holder`) into a temporary folder beside `out`, check the saved copy against
+    `reference`, and only then rename it into place (`write_dir_atomically`): a failed check leaves nothing.
 
     Returns:
         The saved model's logits on `samples`.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_merged(model, tokenizer, src, tmp, report.dtype, max_shard_size)
-        del model
-        gc.collect()  # the float32 model can be most of the memory; the check reloads the saved copy
-        merged = reload_logits(tmp, samples)
+    from lorafit.checkpoint import write_dir_atomically
+
+    merged: list[torch.Tensor] = []
+
+    def write(tmp: Path) -> None:
+        save_merged(holder.pop(), tokenizer, src, tmp, report.dtype, max_shard_size)
+        gc.collect()  # the in-memory model can be most of the memory; the check reloads the saved copy
+        merged.extend(reload_logits(tmp, samples))
         report.saved_rel_diff = max_relative_difference(merged, reference)
         _check(report.saved_rel_diff, report.saved_tolerance, f"the saved {report.dtype} model", out)
-        os.replace(tmp, out)  # an empty `out` is replaced too (rename over an empty directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out, write)  # an empty `out` is replaced too
     return merged
 
 
