@@ -118,19 +118,12 @@ def _eval_inputs(source: Path, adapter_dir: Path | None):
 
 def _load_for_eval(config, adapter: Path):
     """The base as trained (quantized for QLoRA) with the adapter attached, its tokenizer, and the Source."""
-    from lorafit.checkpoint import load_adapter, read_adapter_config
-    from lorafit.model import load_model
-    from lorafit.sources import Source, base_model_config, load_source_tokenizer
+    from lorafit.checkpoint import read_adapter_config
+    from lorafit.sources import Source, base_model_config, load_inference_model, load_source_tokenizer
 
     base = read_adapter_config(adapter).get("base_model_name_or_path")
     src = Source(adapter, "run", adapter, config, base_model_config(config, base, adapter))
-    tokenizer = load_source_tokenizer(src)
-    model = load_model(src.model)
-    if src.model.quantization is None and torch.cuda.is_available():
-        model.to("cuda")
-    load_adapter(model, adapter, dropout=0.0)
-    model.eval()
-    return model, tokenizer, src
+    return load_inference_model(src), load_source_tokenizer(src), src
 
 
 def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: Path | None = None,

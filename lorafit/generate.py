@@ -11,25 +11,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.sources import Source, is_chat_run, load_source_tokenizer, resolve_source, stop_token_ids
-
-
-def load_generation_model(source: Source):
-    """The model to sample from: a merged model as saved, or the base (as trained, quantized for QLoRA) with the
-    adapter attached. Full-precision models go to the GPU when there is one."""
-    from lorafit.checkpoint import load_adapter
-    from lorafit.model import load_model
-
-    on_gpu = torch.cuda.is_available()
-    if source.adapter_dir is None:
-        model = load_model(source.model.model_copy(update={"dtype": "bfloat16" if on_gpu else "float32"}))
-    else:
-        model = load_model(source.model)
-        load_adapter(model, source.adapter_dir, dropout=0.0)
-    if on_gpu and source.quantization is None:
-        model.to("cuda")
-    model.eval()
-    return model
+from lorafit.sources import Source, is_chat_run, load_inference_model, load_source_tokenizer, resolve_source, stop_token_ids
 
 
 def prompt_ids(tokenizer, source: Source, prompt: str) -> list[int]:
@@ -81,7 +63,7 @@ def generate_command(source: Path, prompt: str, max_new_tokens: int = 128, tempe
     src = resolve_source(Path(source), allow_model=True)
     tokenizer = load_source_tokenizer(src)
     ids = prompt_ids(tokenizer, src, prompt)
-    model = load_generation_model(src)
+    model = load_inference_model(src)
     stop = stop_token_ids(tokenizer, src)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False}

@@ -83,9 +83,9 @@ def resolve_source(path: Path, allow_model: bool = False) -> Source:
 def read_run_config(file: Path) -> Config | None:
     """A run's saved, resolved config; None when the file does not exist.
 
-    A saved config passed every check when its run started. If today's cross-field checks refuse it (e.g. an 8-bit
-    run's dump carries the 4-bit-only keys at their defaults), the schema alone decides: a trained run must still
-    merge and evaluate. Schema errors are reported as load_config reports them.
+    A saved config passed every check when its run started. If today's cross-field checks refuse it (a check added
+    in a later lorafit), the schema alone decides: a trained run must still merge and evaluate. Schema errors are
+    reported as load_config reports them.
     """
     if not file.is_file():
         return None
@@ -147,3 +147,23 @@ def stop_token_ids(tokenizer, source: Source) -> list[int]:
 
     template = source.config.data.chat_template if source.config is not None else None
     return sorted(end_token_ids(tokenizer, template, chat=is_chat_run(source)))
+
+
+def load_inference_model(source: Source):
+    """The model `eval` and `generate` run: a merged model as saved, or the base (as trained, quantized for QLoRA)
+    with the adapter attached, in eval mode. Full-precision models go to the GPU when there is one."""
+    import torch
+
+    from lorafit.checkpoint import load_adapter
+    from lorafit.model import load_model
+
+    on_gpu = torch.cuda.is_available()
+    if source.adapter_dir is None:
+        model = load_model(source.model.model_copy(update={"dtype": "bfloat16" if on_gpu else "float32"}))
+    else:
+        model = load_model(source.model)
+        load_adapter(model, source.adapter_dir, dropout=0.0)
+    if on_gpu and source.quantization is None:
+        model.to("cuda")
+    model.eval()
+    return model
