@@ -67,8 +67,8 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight, dim=1)
 
 
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's merged weight m · (W + ΔW) / ||W + ΔW||_row, computed in fp32.
+def dora_factor(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-row scale m / ||W + ΔW||_row, in fp32: the merged weight is factor[:, None] · (W + ΔW).
 
     Args:
         weight: the base weight W, (out, in).
@@ -76,11 +76,9 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
         magnitude: m, (out,).
 
     Returns:
-        The merged weight in fp32, (out, in).
+        The factor, (out,). `merge` keeps it so `unmerge` can divide it out again.
     """
-    combined = weight.float() + delta.float()
-    factor = magnitude.float() / row_norm(combined)
-    return factor[:, None] * combined
+    return magnitude.float() / row_norm(weight.float() + delta.float())
 
 
 def lora_param_count(in_features: int, out_features: int, r: int, dora: bool = False) -> int:
@@ -287,11 +285,10 @@ class LoraLinear(nn.Module):
             return
         weight = self._full_precision_weight("merge")
         delta = self.delta().float()
+        merged = weight.float() + delta
         if self.dora:
-            self._dora_factor = self.lora_magnitude_vector.float() / row_norm(weight.float() + delta)
-            merged = self._dora_factor[:, None] * (weight.float() + delta)
-        else:
-            merged = weight.float() + delta
+            self._dora_factor = dora_factor(weight, delta, self.lora_magnitude_vector)
+            merged = self._dora_factor[:, None] * merged
         weight.copy_(merged.to(weight.dtype))
         self.merged = True
 
