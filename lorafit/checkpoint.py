@@ -47,7 +47,8 @@ def _peft_config(wrapped: list[str], all_linear: list[str], *, base_model_name_o
 
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None, r: int, alpha: float,
                  dropout: float, targets: str | list[str], rslora: bool = False, dora: bool = False,
-                 tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
+                 tokenizer=None, extra_files: dict[str, str] | None = None,
+                 weights: dict[str, Any] | None = None) -> Path:
     """Write the model's LoRA layers as a PEFT adapter folder, atomically (an existing folder is replaced only
     once the new one is complete).
 
@@ -59,13 +60,15 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
         targets: the user's target spec; only used to explain an error when nothing is wrapped.
         tokenizer: when given, its files (and chat template) are saved beside the adapter.
         extra_files: {file name: text} written into the folder in the same atomic step (e.g. lorafit.yaml).
+        weights: the trainable parameters by name, gathered whole (`lorafit.parallel.trainable_state`); needed
+            when the layers hold only shards (FSDP). Default: read from the layers.
 
     Returns:
         The adapter folder.
     """
     from safetensors.torch import save_file
 
-    from lorafit.lora import lora_layers, lora_state_dict
+    from lorafit.lora import adapter_tensors, lora_layers, lora_state_dict
 
     wrapped = list(lora_layers(model))
     if not wrapped:
@@ -73,7 +76,8 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
     config = _peft_config(wrapped, _all_linear(model),
                           base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
                           rslora=rslora, dora=dora)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    found = lora_state_dict(model) if weights is None else adapter_tensors(weights)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.items()}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -88,10 +92,10 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
 
 def _all_linear(model) -> list[str]:
     """Names of every linear layer, counting a LoRA wrapper under its own name, in model order."""
-    from lorafit.lora import linear_modules, lora_layers
+    from lorafit.lora import bare_named_modules, linear_modules, lora_layers
 
     names = set(lora_layers(model)) | {n for n, _ in linear_modules(model)}
-    return [n for n, _ in model.named_modules() if n in names]
+    return list(dict.fromkeys(n for n, _ in bare_named_modules(model) if n in names))
 
 
 def write_dir_atomically(out_dir: Path, write) -> Path:

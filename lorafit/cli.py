@@ -72,17 +72,20 @@ def validate(
     overrides: Optional[list[str]] = OverridesArg,
     processes: Optional[int] = typer.Option(None, "--processes", min=1, show_default=False,
                                             help="Plan for N data-parallel processes (GPUs); default 1."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Plan for FSDP: weights and adapter state sharded across the "
+                                                    "processes (as configs/accelerate/fsdp.yaml launches)."),
 ) -> None:
     """Check a config and show the plan: resolved config, model, targets, parameters, data, steps, memory.
 
     Nothing is trained and no weights are loaded. Memory is per device.
 
     Example:  lorafit validate configs/llama-8b-qlora.yaml train.batch_size=2 --processes 4
+    Sharded:  lorafit validate configs/llama-70b-qlora.yaml --processes 2 --fsdp
     """
     from lorafit.plan import make_plan, print_plan
 
     loaded = _load(config, overrides)
-    print_plan(_console(), loaded, make_plan(loaded.config, processes), show_config=True)
+    print_plan(_console(), loaded, make_plan(loaded.config, processes, fsdp=fsdp or None), show_config=True)
 
 
 @app.command()
@@ -96,6 +99,7 @@ def train(
 
     Example:  lorafit train configs/tiny-quickstart.yaml train.max_steps=50
     Several processes:  torchrun --nproc_per_node 2 -m lorafit train CONFIG
+    Sharded (FSDP):  accelerate launch --config_file configs/accelerate/fsdp.yaml -m lorafit train CONFIG
     """
     loaded = _load(config, overrides)
     if dry_run:

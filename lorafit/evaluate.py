@@ -20,7 +20,8 @@ from lorafit.errors import DataError, RunDirError
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: int | None) -> dict[str, float]:
+def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: int | None,
+                  lockstep: bool = False) -> dict[str, float]:
     """Mean token loss over `rows`, each process taking every world-th row, reduced across processes.
 
     Args:
@@ -29,6 +30,8 @@ def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: 
         accelerator: the run's Accelerator (device, autocast, reductions).
         batch_size: rows per forward pass.
         pad_id: the tokenizer's pad id for collation.
+        lockstep: every process runs the same number of forward passes (FSDP gathers weights inside each one, with
+            all processes); a process that has run out of rows repeats a row and ignores its loss.
 
     Returns:
         {"loss", "perplexity", "tokens"} where tokens counts supervised tokens on all processes.
@@ -39,16 +42,21 @@ def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: 
     was_training = model.training
     model.eval()
     mine = rows[accelerator.process_index:: accelerator.num_processes]
+    batches = math.ceil(len(mine) / batch_size)
+    if lockstep:  # the first process has the most rows
+        batches = math.ceil(math.ceil(len(rows) / accelerator.num_processes) / batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for start in range(0, len(mine), batch_size):
-        batch = collate(mine[start: start + batch_size], pad_id=pad_id)
+    for start in range(0, batches * batch_size, batch_size):
+        part = mine[start: start + batch_size]
+        batch = collate(part or rows[:1], pad_id=pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with accelerator.autocast():  # supervised positions only, a chunk at a time: no (B, T, V) logits
             summed, count = chunked_causal_lm_loss(model, batch, labels)
-        loss_sum += summed.double()
-        tokens += count
+        if part:
+            loss_sum += summed.double()
+            tokens += count
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     tokens = accelerator.reduce(tokens, reduction="sum")
     model.train(was_training)

@@ -321,12 +321,28 @@ def _device_of(layer: nn.Module) -> torch.device:
 # ------------------------------------------------------------------------------------------------ targets
 
 
+# Module-path segments that wrappers insert (FSDP units, activation checkpointing, torch.compile): not part of the
+# names PEFT, transformers and lorafit's own files use.
+_WRAPPER_SEGMENT = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def bare_name(name: str) -> str:
+    """A module or parameter name without wrapper segments: ``model.layers.0._fsdp_wrapped_module.mlp`` ->
+    ``model.layers.0.mlp``."""
+    return _WRAPPER_SEGMENT.sub("", name).lstrip(".")
+
+
+def bare_named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """named_modules under bare names; a wrapper and the module it wraps share a name, the wrapped one last."""
+    return [(bare_name(name), m) for name, m in model.named_modules()]
+
+
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every unwrapped linear layer (bnb's 4/8-bit layers subclass nn.Linear); LoRA wrappers
     and their insides are skipped."""
-    wrapped = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+    wrapped = [name for name, m in bare_named_modules(model) if isinstance(m, LoraLinear)]
     out = []
-    for name, module in model.named_modules():
+    for name, module in bare_named_modules(model):
         if not isinstance(module, nn.Linear) or any(name.startswith(w + ".") for w in wrapped):
             continue
         out.append((name, module))
@@ -385,8 +401,8 @@ def find_targets(model: nn.Module, targets: str | list[str], exclude: Iterable[s
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Every LoRA wrapper in the model, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    """Every LoRA wrapper in the model, by (bare) module name."""
+    return {name: m for name, m in bare_named_modules(model) if isinstance(m, LoraLinear)}
 
 
 def attach_lora(model: nn.Module, targets: str | list[str], exclude: Iterable[str] = (), *, r: int, alpha: float,
@@ -470,6 +486,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer.dora:
             out[prefix + "lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     return out
+
+
+def adapter_tensors(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`lora_state_dict`'s result from a {parameter name: tensor} dict of the model's trainable parameters, as
+    gathered from a sharded model whose layers hold only shards."""
+    return {PEFT_PREFIX + bare_name(name): t for name, t in trainable.items()
+            if name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"))}
 
 
 def split_adapter_key(key: str) -> tuple[str, str]:

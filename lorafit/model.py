@@ -137,8 +137,13 @@ def align_model_with_tokenizer(model, tokenizer) -> None:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def quantization_config(q: QuantizationConfig | None):
-    """transformers' BitsAndBytesConfig for a quantization section (None: full precision)."""
+def quantization_config(q: QuantizationConfig | None, storage_dtype: str | None = None):
+    """transformers' BitsAndBytesConfig for a quantization section (None: full precision).
+
+    Args:
+        storage_dtype: the dtype 4-bit weights are packed into (default uint8). FSDP needs the model's dtype, so
+            the packed weights can share a flat tensor with the layer norms; the values are the same either way.
+    """
     if q is None:
         return None
     import torch
@@ -146,9 +151,10 @@ def quantization_config(q: QuantizationConfig | None):
 
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    storage = {"bnb_4bit_quant_storage": getattr(torch, storage_dtype)} if storage_dtype else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type,
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype), **storage)
 
 
 def _default_device_map(quantized: bool):
@@ -162,13 +168,15 @@ def _default_device_map(quantized: bool):
     return "cpu"
 
 
-def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, **settings: Any):
+def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, for_fsdp: bool = False,
+               **settings: Any):
     """The base causal LM, frozen-ready: full precision, or 4/8-bit through bitsandbytes.
 
     Args:
         cfg: a ModelConfig, or a hub id / local folder.
         device_map: passed to from_pretrained; None places a quantized model on this process's GPU (or the CPU).
         tokenizer: when given, embeddings are resized to it and its pad id recorded (`align_model_with_tokenizer`).
+        for_fsdp: store 4-bit weights in the model's dtype, so FSDP can shard them (`lorafit.parallel`).
         **settings: with a path: revision, dtype, attention, trust_remote_code, quantization (a dict).
 
     Returns:
@@ -182,7 +190,7 @@ def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, *
 
     mc = _as_config(cfg, settings)
     src = _source(mc.path, mc.revision, mc.trust_remote_code)
-    quant = quantization_config(mc.quantization)
+    quant = quantization_config(mc.quantization, storage_dtype=mc.dtype if for_fsdp else None)
     if device_map is None:
         device_map = _default_device_map(quant is not None)
     try:

@@ -57,6 +57,7 @@ class Plan:
     train_data: list[DataCount]
     eval_data: list[DataCount]
     world_size: int
+    fsdp: bool
     steps_per_epoch: int | None
     total_steps: int | None
     memory: dict[str, float] = field(default_factory=dict)  # bytes per device, by part
@@ -124,8 +125,11 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def estimate_memory(cfg: Config, shape: ModelShape) -> dict[str, float]:
+def estimate_memory(cfg: Config, shape: ModelShape, shards: int = 1) -> dict[str, float]:
     """Bytes per device for weights, adapter (+ grads + optimizer state), activations and logits.
+
+    With FSDP over `shards` processes, each holds 1/shards of the weights and of the adapter's state, plus the
+    whole weights of the decoder layer being computed and of the next one (gathered ahead).
 
     Activations per token per decoder layer (Llama-style block, `a` bytes per activation): the two RMSNorm inputs
     (kept in fp32 too), the attention projections' inputs and outputs (6h + 3·kv), and the MLP's gate, up and
@@ -147,6 +151,9 @@ def estimate_memory(cfg: Config, shape: ModelShape) -> dict[str, float]:
     t = cfg.train
     optimizer_bytes = 8 if t.optimizer == "adamw" else 2  # two fp32 moments, or two 8-bit ones
     adapter = shape.adapter_params * (4 + 4 + optimizer_bytes)  # fp32 weights, fp32 grads, optimizer state
+    if shards > 1:
+        weights = weights / shards + 2 * (weights - other * weight_bytes) / max(shape.layers, 1)
+        adapter /= shards
     a = PRECISION_BYTES[t.precision]
     tokens = t.batch_size * cfg.data.max_length
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
@@ -192,21 +199,33 @@ def _steps(cfg: Config, train_rows: int | None, world: int) -> tuple[int | None,
     return per_epoch, total
 
 
-def make_plan(cfg: Config, processes: int | None = None) -> Plan:
+def make_plan(cfg: Config, processes: int | None = None, fsdp: bool | None = None) -> Plan:
     """Everything `validate` shows, computed without loading weights or tokenizing data.
 
     Args:
         cfg: the validated config.
         processes: data-parallel processes to plan for; default: torchrun's WORLD_SIZE, or 1.
+        fsdp: plan for FSDP sharding; default: whether the launch asks for it (`lorafit.parallel`).
+
+    Raises:
+        LorafitError: under FSDP, a setting FSDP cannot shard (as `lorafit train` would refuse it).
     """
+    from lorafit import parallel
+
+    if fsdp is None:
+        fsdp = parallel.requested_sharding() is not None
+    if fsdp:
+        q = cfg.model.quantization
+        parallel.check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
+                                     precision=cfg.train.precision)
     hf_config, source = _find_model_config(cfg)
     shape = _model_shape(cfg, hf_config, source) if hf_config is not None else None
     train_data, eval_data = _count(cfg.data.train), _count(cfg.data.eval)
     world = processes or int(os.environ.get("WORLD_SIZE", "1"))
     rows = [d.rows for d in train_data]
     per_epoch, total = _steps(cfg, None if None in rows else sum(rows), world)
-    memory = estimate_memory(cfg, shape) if shape is not None else {}
-    return Plan(shape, "" if shape else source, train_data, eval_data, world, per_epoch, total, memory)
+    memory = estimate_memory(cfg, shape, shards=world if fsdp else 1) if shape is not None else {}
+    return Plan(shape, "" if shape else source, train_data, eval_data, world, fsdp, per_epoch, total, memory)
 
 
 # ------------------------------------------------------------------------------------------------ printing
@@ -244,7 +263,9 @@ def print_plan(console: Any, loaded: LoadedConfig, plan: Plan, show_config: bool
     console.print(table)
     if plan.model is None:
         console.print(f"[yellow]note:[/] {plan.model_note}")
-    console.print(f"Config OK. Next: lorafit train {loaded.path}")
+    launch = (f"accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes {plan.world_size} -m "
+              if plan.fsdp else "")
+    console.print(f"Config OK. Next: {launch}lorafit train {loaded.path}")
 
 
 def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
@@ -275,6 +296,9 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
     if cfg.data.eval_fraction:
         rows.append(("eval data", f"{cfg.data.eval_fraction:.1%} of train, held out (seed {t.seed})"))
     global_batch = t.batch_size * t.grad_accum * plan.world_size
+    if plan.world_size > 1 or plan.fsdp:
+        rows.append(("processes", f"{plan.world_size}, " + ("FSDP: weights and adapter state sharded across them"
+                                                             if plan.fsdp else "data parallel (DDP): a full copy each")))
     rows.append(("batch", f"{t.batch_size} per device × {t.grad_accum} accumulation × {plan.world_size} process(es) "
                           f"= {global_batch} {'packed rows' if cfg.data.packing else 'examples'} of ≤ "
                           f"{cfg.data.max_length} tokens"))

@@ -26,7 +26,8 @@ def peak_memory_gib(device: torch.device) -> float:
 class RunReporter:
     """Progress, metrics rows and the end-of-run summary for one training run."""
 
-    def __init__(self, run_dir: Path, accelerator, total_steps: int, start, audit: Any, wrapped: list[str], model):
+    def __init__(self, run_dir: Path, accelerator, total_steps: int, start, audit: Any, wrapped: list[str], counts,
+                 sharding=None):
         from rich.console import Console
 
         self.run_dir = run_dir
@@ -42,14 +43,17 @@ class RunReporter:
         self.live = self.main and self.console.is_terminal and not os.environ.get("CI")
         self.bar = None
         if self.main:
-            self._header(audit, wrapped, model)
+            self._header(audit, wrapped, counts, sharding)
             if self.live:
                 self._start_bar()
 
-    def _header(self, audit: Any, wrapped: list[str], model) -> None:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        self.console.print(f"adapter: {len(wrapped)} modules wrapped, {trainable:,} trainable / {total:,} parameters")
+    def _header(self, audit: Any, wrapped: list[str], counts, sharding) -> None:
+        self.console.print(f"adapter: {len(wrapped)} modules wrapped, {counts.trainable:,} trainable / "
+                           f"{counts.total:,} parameters")
+        n = self.accelerator.num_processes
+        if n > 1 or sharding is not None:
+            how = f"FSDP ({sharding.strategy.lower()})" if sharding is not None else "data parallel (DDP)"
+            self.console.print(f"processes: {n}, {how}")
         if audit is not None:
             self.console.print(f"data: {audit}")
         if self.first_step:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from lorafit import parallel
 from lorafit.config import Config, config_diff
 from lorafit.errors import ConfigError, RunDirError
 
@@ -132,10 +133,6 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------ save
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _rng_state() -> dict[str, Any]:
     import numpy as np
 
@@ -156,7 +153,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler, progress, keep: int) -> Path:
-    """Write `checkpoints/step-NNNNNN/` atomically (all processes call this; rank 0 writes the shared parts)."""
+    """Write `checkpoints/step-NNNNNN/` atomically (all processes call this; rank 0 writes the shared parts).
+
+    Under FSDP the weights and optimizer state are gathered whole first, so the files are the same as one
+    process would write (the optimizer's keyed by parameter name rather than position, and `state.json` says so).
+    """
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINTS / f"step-{progress.step:06d}"
@@ -166,18 +167,19 @@ def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    weights = parallel.trainable_state(model)  # collective under FSDP: every process takes part
+    optimizer_state = parallel.optimizer_state(model, _inner(optimizer))
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file(_trainable_state(unwrapped), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:  # fp16 loss scale: without it a resumed run skips steps anew
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": progress.step, "tokens": progress.tokens, "supervised": progress.supervised,
-                 "elapsed": progress.elapsed,
-                 "world_size": accelerator.num_processes, "metrics": progress.metrics}
+                 "elapsed": progress.elapsed, "world_size": accelerator.num_processes,
+                 "fsdp": parallel.is_sharded(model), "metrics": progress.metrics}
         (tmp / "state.json").write_text(json.dumps(state))  # last file in: its presence marks a complete save
         _fsync_dir(tmp)
         if final.exists():  # a step saved twice (interrupt right on a save_every step): the newer wins
@@ -186,6 +188,11 @@ def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler,
         _rotate(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _inner(optimizer):
+    """The torch optimizer inside Accelerate's wrapper (FSDP's state functions need the real one)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -216,15 +223,13 @@ def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler)
     if state["world_size"] != accelerator.num_processes:  # the global batch and the data order depend on it
         raise RunDirError(f"{ckpt}: saved by {state['world_size']} process(es); resume with the same number "
                           f"(now {accelerator.num_processes})")
-    weights = load_file(ckpt / "trainable.safetensors")
-    params = dict(accelerator.unwrap_model(model).named_parameters())
-    missing = sorted(set(weights) - set(params))
-    if missing:
-        raise RunDirError(f"{ckpt}: checkpoint weights do not fit this model (e.g. {missing[0]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    sharded = parallel.is_sharded(model)
+    if state.get("fsdp", False) != sharded:  # the optimizer state is keyed differently
+        launch = "with the FSDP launch config" if state.get("fsdp") else "without FSDP (torchrun, or the DDP config)"
+        raise RunDirError(f"{ckpt}: saved by a run {'with' if state.get('fsdp') else 'without'} FSDP; resume it "
+                          f"{launch}")
+    parallel.load_trainable_state(model, load_file(ckpt / "trainable.safetensors"), where=str(ckpt))
+    parallel.load_optimizer_state(model, _inner(optimizer), torch.load(ckpt / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
@@ -236,15 +241,23 @@ def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler)
                     elapsed=state["elapsed"], metrics=metrics)
 
 
-def save_final_adapter(run_dir: Path, cfg: Config, model, tokenizer) -> Path:
-    """The run's `adapter/` folder in PEFT format, with the tokenizer and lorafit's config beside it."""
+def save_final_adapter(run_dir: Path, cfg: Config, accelerator, model, tokenizer) -> Path:
+    """The run's `adapter/` folder in PEFT format, with the tokenizer and lorafit's config beside it.
+
+    Every process calls this (under FSDP the adapter is gathered from all of them); the main process writes.
+    """
     from lorafit.checkpoint import save_adapter
 
-    a = cfg.adapter
-    base = cfg.model.path
-    if Path(base).is_dir():
-        base = str(Path(base).resolve())
-    # lorafit.yaml: merge and eval read the quantization settings the adapter was trained against from it
-    return save_adapter(model, run_dir / "adapter", base_model_name_or_path=base, r=a.r, alpha=a.alpha,
-                        dropout=a.dropout, targets=a.targets, rslora=a.rslora, dora=a.method == "dora",
-                        tokenizer=tokenizer, extra_files={"lorafit.yaml": cfg.to_yaml()})
+    weights = parallel.trainable_state(model) if parallel.is_sharded(model) else None
+    path = run_dir / "adapter"
+    if accelerator.is_main_process:
+        a = cfg.adapter
+        base = cfg.model.path
+        if Path(base).is_dir():
+            base = str(Path(base).resolve())
+        # lorafit.yaml: merge and eval read the quantization settings the adapter was trained against from it
+        save_adapter(parallel.unwrap(model), path, base_model_name_or_path=base, r=a.r, alpha=a.alpha,
+                     dropout=a.dropout, targets=a.targets, rslora=a.rslora, dora=a.method == "dora",
+                     tokenizer=tokenizer, extra_files={"lorafit.yaml": cfg.to_yaml()}, weights=weights)
+    accelerator.wait_for_everyone()
+    return path

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lorafit import runstate, schedule
+from lorafit import parallel, runstate, schedule
 from lorafit.config import Config, LoadedConfig
 from lorafit.errors import LorafitError, TrainingStopped
 
@@ -29,33 +29,28 @@ PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
 def _make_accelerator(cfg: Config):
+    """The run's Accelerator, and the FSDP settings when the launch asks for sharding (else None).
+
+    Refuses, before any weight is loaded, what cannot run: a missing tracker package, fp16 on the CPU, DeepSpeed,
+    and what FSDP cannot shard (`parallel.check_sharding_fits`).
+    """
     from accelerate import Accelerator
 
     _check_trackers(cfg.train.trackers)
-    _check_launcher()
+    sharding = parallel.requested_sharding()
+    if sharding is not None:
+        q = cfg.model.quantization
+        parallel.check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
+                                     precision=cfg.train.precision)
+        parallel.take_fsdp_request_from_environment()  # lorafit shards the model itself (`parallel.shard_model`)
     precision = PRECISION[cfg.train.precision]
     if precision == "fp16" and not torch.cuda.is_available():
         raise LorafitError("train.precision: fp16 needs a CUDA GPU (no grad scaling on the CPU); use bf16 or fp32")
     # cpu=True on a machine without CUDA is what makes accelerate run torchrun's processes as gloo data parallel.
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
-                       log_with=cfg.train.trackers or None,
-                       project_dir=cfg.output.dir, step_scheduler_with_optimizer=False)
-
-
-def _check_launcher() -> None:
-    """Refuse launchers lorafit does not support yet, before any weight is loaded.
-
-    FSDP shards parameters and ZeRO partitions optimizer state, so saving checkpoints and adapters needs gathered
-    state dicts, and DeepSpeed steps the optimizer on its own schedule; until both are built and tested on GPUs,
-    a run would save partial adapters. Plain data parallel (torchrun / accelerate launch with DDP) is supported.
-    """
-    import os
-
-    for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(env, "").lower() in ("1", "true"):
-            raise LorafitError(f"the launch config asks for {name}, which lorafit does not support yet; launch with "
-                               f"torchrun --nproc_per_node N -m lorafit train CONFIG (data parallel) or "
-                               f"accelerate launch --config_file configs/accelerate/ddp.yaml")
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              log_with=cfg.train.trackers or None,
+                              project_dir=cfg.output.dir, step_scheduler_with_optimizer=False)
+    return accelerator, sharding
 
 
 def _check_trackers(trackers: list[str]) -> None:
@@ -68,18 +63,28 @@ def _check_trackers(trackers: list[str]) -> None:
                            f"pip install {' '.join(packages[t] for t in missing)} (or remove it from train.trackers)")
 
 
-def _build_model(cfg: Config, accelerator):
-    from lorafit.lora import attach_lora
+def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None):
+    """Tokenizer, base model and LoRA layers; under FSDP, the model sharded across processes.
+
+    Returns:
+        (model, tokenizer, wrapped module names, parameter report taken before sharding).
+    """
+    from lorafit.lora import attach_lora, param_report
     from lorafit.model import load_model, load_tokenizer, prepare_for_kbit_training
 
     tokenizer = load_tokenizer(cfg.model)
     device_map = {"": accelerator.device} if cfg.model.quantization is not None else None
-    model = load_model(cfg.model, device_map=device_map, tokenizer=tokenizer)
+    model = load_model(cfg.model, device_map=device_map, tokenizer=tokenizer, for_fsdp=sharding is not None)
     prepare_for_kbit_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
     a = cfg.adapter
+    # The same seed on every process: each one starts from the same adapter (FSDP shards each process's own copy)
+    torch.manual_seed(cfg.train.seed)
     wrapped = attach_lora(model, a.targets, a.exclude, r=a.r, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
                           dora=a.method == "dora")
-    return model, tokenizer, wrapped
+    counts = param_report(model)
+    if sharding is not None:
+        model = parallel.shard_model(model, sharding, accelerator.device)
+    return model, tokenizer, wrapped, counts
 
 
 def _build_optimizer(cfg: Config, model):
@@ -145,14 +150,10 @@ def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_gr
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 token_loss_sum, _ = _forward_loss(model, batch)
-            # DDP averages gradients over processes; scaling by world size turns that average into a sum.
+            # DDP and FSDP average gradients over processes; scaling by world size turns that average into a sum.
             accelerator.backward(token_loss_sum * accelerator.num_processes / global_tokens)
             loss_sum += token_loss_sum.detach().float()
-    if max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]))
+    grad_norm = parallel.clip_grad_norm(model, accelerator, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = accelerator.reduce(loss_sum, reduction="sum").item() / global_tokens
@@ -174,25 +175,28 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     from lorafit.reporting import RunReporter
 
     cfg, t = loaded.config, loaded.config.train
-    accelerator = _make_accelerator(cfg)
+    accelerator, sharding = _make_accelerator(cfg)
     run_dir = Path(cfg.output.dir)
     _on_main_then_all(accelerator, runstate.prepare_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path)
-    _seed_everything(t.seed + accelerator.process_index)
 
-    model, tokenizer, wrapped = _build_model(cfg, accelerator)
+    model, tokenizer, wrapped, counts = _build_model(cfg, accelerator, sharding)
+    _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
     train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
     per_epoch = schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * accelerator.num_processes)
     total_steps = t.max_steps or per_epoch * t.epochs
-    optimizer = _build_optimizer(cfg, model)
+    optimizer = _build_optimizer(cfg, model)  # after sharding: FSDP's parameters are the ones to optimize
     scheduler = _lr_scheduler(cfg, optimizer, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharding is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # already FSDP: Accelerate must not wrap it again in DDP
+        optimizer = accelerator.prepare(optimizer)
     progress = runstate.Progress()
     if resume:
         progress = runstate.load_training_state(run_dir, accelerator, model, optimizer, scheduler)
     if t.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
-                           model=accelerator.unwrap_model(model))
+                           counts=counts, sharding=sharding)
     run = _Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, train_rows, eval_rows, per_epoch, reporter)
     stop = _install_signal_handlers()
     started = time.perf_counter() - progress.elapsed
@@ -213,9 +217,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
                 raise TrainingStopped(f"interrupted at step {progress.step}: checkpoint saved; continue with "
                                       f"lorafit train {loaded.path} --resume", exit_code=130)
         # The adapter first: an interrupt during the final eval must not cost the trained run.
-        if accelerator.is_main_process:
-            runstate.save_final_adapter(run_dir, cfg, accelerator.unwrap_model(model), tokenizer)
-        accelerator.wait_for_everyone()
+        runstate.save_final_adapter(run_dir, cfg, accelerator, model, tokenizer)
         if eval_rows:
             reporter.eval(progress.step, run.evaluate())
         reporter.finish(loaded.path)
@@ -271,9 +273,12 @@ class _Run:
     def evaluate(self) -> dict[str, float]:
         from lorafit.evaluate import evaluate_loss
 
-        # The unwrapped model: a DDP forward syncs buffers, which would hang a rank that has no eval rows.
-        return evaluate_loss(self.accelerator.unwrap_model(self.model), self.eval_rows, self.accelerator,
-                             self.cfg.train.batch_size, pad_id=self.tokenizer.pad_token_id)
+        # DDP: the unwrapped model, since a DDP forward syncs buffers, which would hang a rank without eval rows.
+        # FSDP: the sharded model (only its forward gathers the weights), the same number of batches on every rank.
+        sharded = parallel.is_sharded(self.model)
+        model = self.model if sharded else self.accelerator.unwrap_model(self.model)
+        return evaluate_loss(model, self.eval_rows, self.accelerator, self.cfg.train.batch_size,
+                             pad_id=self.tokenizer.pad_token_id, lockstep=sharded)
 
 
 def _on_main_then_all(accelerator, fn, *args, **kwargs) -> None:

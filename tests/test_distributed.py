@@ -16,8 +16,10 @@ from test_train import _wait_for, adapter_tensors, assert_same_training, make_co
 pytestmark = pytest.mark.slow
 
 
-def torchrun(config: Path, *args: str, wait: bool = True):
+def torchrun(config: Path, *args: str, wait: bool = True, fsdp: bool = False):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if fsdp:  # what accelerate launch --config_file configs/accelerate/fsdp.yaml sets
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1", FSDP_SHARDING_STRATEGY="FULL_SHARD")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lorafit", "train", str(config), *args]
     # a session of its own, so a test can SIGKILL the launcher and every rank at once

@@ -1,0 +1,138 @@
+"""FSDP on the CPU: two gloo processes shard the model (`lorafit.parallel`) and must train as one process does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import torchrun
+from test_train import _wait_for, adapter_tensors, assert_same_training, make_config, metrics, train
+
+from lorafit import parallel
+from lorafit.errors import LorafitError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _with_eval(config: Path) -> Path:
+    """One held-out row for two processes: under FSDP the rank without a row must still join every forward."""
+    config.write_text(config.read_text().replace("  packing: false", "  packing: false\n  eval_fraction: 0.02"))
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fsdp_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, learnable_model_dir, grad_accum):
+    one = _with_eval(make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, grad_accum=grad_accum,
+                                 max_steps=3))
+    two = _with_eval(make_config(tmp_path, learnable_model_dir, name="two", batch_size=2, grad_accum=grad_accum,
+                                 max_steps=3))
+    assert train(one) == 0
+    out = torchrun(two, fsdp=True)
+    assert "processes: 2, FSDP (full_shard)" in out
+    assert_same_training(tmp_path / "one", tmp_path / "two", rtol=1e-4)
+    assert [m["step"] for m in metrics(tmp_path / "two") if "loss" in m] == [1, 2, 3]  # rank 0 alone writes
+    assert out.count("done: 3 steps") == 1
+    # the adapter was gathered whole: every tensor has its full shape, as the one-process run saved it
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    config = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_two_processes_equal_one(tmp_path, learnable_model_dir):
+    """4-bit NF4 weights stored in the model's dtype so FSDP can shard them; the same training as one process."""
+    runs = {}
+    for name, batch in (("one", 4), ("two", 2)):
+        cfg = make_config(tmp_path, learnable_model_dir, name=name, batch_size=batch, max_steps=3)
+        text = cfg.read_text().replace("  dtype: float32\n", "  dtype: float32\n  quantization:\n    bits: 4\n"
+                                                             "    compute_dtype: float32\n")
+        cfg.write_text(text)
+        runs[name] = cfg
+    assert train(runs["one"]) == 0
+    torchrun(runs["two"], fsdp=True)
+    assert_same_training(tmp_path / "one", tmp_path / "two", rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_kill_and_resume_equals_a_straight_run(tmp_path, learnable_model_dir):
+    common = dict(max_steps=12, save_every=4, batch_size=1, keep_checkpoints=100)
+    straight = make_config(tmp_path, learnable_model_dir, name="straight", **common)
+    killed = make_config(tmp_path, learnable_model_dir, name="killed", **common)
+    for cfg in (straight, killed):
+        cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
+    torchrun(straight, fsdp=True)
+    proc = torchrun(killed, wait=False, fsdp=True)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "step-000004" / "state.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    newest = sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((newest / "state.json").read_text())["fsdp"] is True
+    # a sharded run's optimizer state is keyed by parameter name: resuming without FSDP is refused, with the reason
+    refused = torchrun(killed, "--resume", wait=False)
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode != 0 and "saved by a run with FSDP; resume it with the FSDP launch config" in err
+    torchrun(killed, "--resume", fsdp=True)
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "killed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_shipped_fsdp_config(tmp_path, learnable_model_dir):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=2, batch_size=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+                           "-m", "lorafit", "train", str(config)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "processes: 2, FSDP (full_shard)" in proc.stdout
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_request_is_read_from_the_launch_environment():
+    assert parallel.requested_sharding({}) is None
+    assert parallel.requested_sharding({"ACCELERATE_USE_FSDP": "false"}) is None
+    got = parallel.requested_sharding({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "2",
+                                       "FSDP_OFFLOAD_PARAMS": "true"})
+    assert got == parallel.Sharding(strategy="SHARD_GRAD_OP", offload_params=True)
+    assert parallel.requested_sharding({"ACCELERATE_USE_FSDP": "true"}).strategy == "FULL_SHARD"
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "fsdp_version: 1"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULLSHARD"}, "FULL_SHARD, SHARD_GRAD_OP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+])
+def test_unsupported_launch_settings_are_refused_by_name(env, words):
+    with pytest.raises(LorafitError, match=words):
+        parallel.requested_sharding(env)
+
+
+@pytest.mark.parametrize("settings, key", [
+    (dict(quant_bits=8, dora=False, precision="bf16"), "model.quantization.bits"),
+    (dict(quant_bits=None, dora=True, precision="bf16"), "adapter.method"),
+    (dict(quant_bits=4, dora=False, precision="fp16"), "train.precision"),
+])
+def test_what_fsdp_cannot_shard_is_refused_naming_the_key(settings, key):
+    with pytest.raises(LorafitError, match=key):
+        parallel.check_sharding_fits(**settings)
+    parallel.check_sharding_fits(quant_bits=4, dora=False, precision="bf16")  # QLoRA in bf16 is fine
+
+
+def test_fsdp_with_dora_is_refused_before_loading_the_model(tmp_path, learnable_model_dir, monkeypatch, capsys):
+    config = make_config(tmp_path, learnable_model_dir)
+    config.write_text(config.read_text().replace("  r: 4\n", "  r: 4\n  method: dora\n"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert train(config) == 2
+    err = capsys.readouterr().err
+    assert "adapter.method: dora" in err and "Traceback" not in err
