@@ -38,7 +38,7 @@ SHARDING_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD",
 class Sharding:
     """The FSDP settings lorafit honours, read from the launch environment."""
 
-    strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
+    strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD
     offload_params: bool = False  # keep parameter shards in CPU memory between uses
 
 
@@ -66,17 +66,20 @@ def requested_sharding(environ: Mapping[str, str] | None = None) -> Sharding | N
                            f"accelerate config, as configs/accelerate/fsdp.yaml does)")
     raw = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
     strategy = SHARDING_STRATEGIES.get(raw, raw)
+    if strategy == "NO_SHARD":
+        raise LorafitError("FSDP: fsdp_sharding_strategy NO_SHARD shards nothing: it is data parallel; launch with "
+                           "configs/accelerate/ddp.yaml (or torchrun) instead")
     if strategy not in SHARDING_STRATEGIES.values():
-        raise LorafitError(f"FSDP: fsdp_sharding_strategy {raw!r} is not one of "
-                           f"{', '.join(SHARDING_STRATEGIES.values())}")
+        raise LorafitError(f"FSDP: fsdp_sharding_strategy {raw!r} is not one of FULL_SHARD, SHARD_GRAD_OP or "
+                           f"HYBRID_SHARD")
     return Sharding(strategy=strategy, offload_params=_flag(env, "FSDP_OFFLOAD_PARAMS"))
 
 
-def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str) -> None:
+def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, optimizer: str) -> None:
     """Refuse the combinations FSDP cannot run, naming the key to change.
 
     Raises:
-        LorafitError: 8-bit base weights, DoRA, or fp16 under FSDP.
+        LorafitError: 8-bit base weights, DoRA, fp16 or an 8-bit optimizer under FSDP.
     """
     problems = []
     if quant_bits == 8:
@@ -88,6 +91,9 @@ def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str) -
     if precision == "fp16":
         problems.append("train.precision: fp16 under FSDP needs a sharded loss scaler lorafit does not have; "
                         "use bf16")
+    if optimizer != "adamw":
+        problems.append(f"train.optimizer: {optimizer} keeps block-quantized state that FSDP cannot gather into a "
+                        f"checkpoint; use adamw (FSDP shards the adapter's optimizer state anyway)")
     if problems:
         raise LorafitError("FSDP: " + "; ".join(problems))
 

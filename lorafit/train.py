@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ def _make_accelerator(cfg: Config):
     if sharding is not None:
         q = cfg.model.quantization
         parallel.check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
-                                     precision=cfg.train.precision)
+                                     precision=cfg.train.precision, optimizer=cfg.train.optimizer)
         parallel.take_fsdp_request_from_environment()  # lorafit shards the model itself (`parallel.shard_model`)
     precision = PRECISION[cfg.train.precision]
     if precision == "fp16" and not torch.cuda.is_available():
@@ -50,6 +51,9 @@ def _make_accelerator(cfg: Config):
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                               log_with=cfg.train.trackers or None,
                               project_dir=cfg.output.dir, step_scheduler_with_optimizer=False)
+    if sharding is not None and accelerator.num_processes == 1:  # nothing to shard across
+        print("note: FSDP was asked for with one process; training without it", file=sys.stderr, flush=True)
+        sharding = None
     return accelerator, sharding
 
 

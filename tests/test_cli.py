@@ -100,7 +100,7 @@ def test_debug_environment_variable_shows_the_traceback(capsys, tmp_path, monkey
 def test_internal_failure_exits_1_and_says_it_is_not_the_users_fault(capsys, tiny_config, monkeypatch):
     import lorafit.plan
 
-    def broken(cfg, processes=None):
+    def broken(cfg, processes=None, fsdp=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(lorafit.plan, "make_plan", broken)

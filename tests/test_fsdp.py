@@ -111,6 +111,7 @@ def test_fsdp_request_is_read_from_the_launch_environment():
 @pytest.mark.parametrize("env, words", [
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "fsdp_version: 1"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULLSHARD"}, "FULL_SHARD, SHARD_GRAD_OP"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "3"}, "NO_SHARD shards nothing"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
 ])
 def test_unsupported_launch_settings_are_refused_by_name(env, words):
@@ -119,14 +120,15 @@ def test_unsupported_launch_settings_are_refused_by_name(env, words):
 
 
 @pytest.mark.parametrize("settings, key", [
-    (dict(quant_bits=8, dora=False, precision="bf16"), "model.quantization.bits"),
-    (dict(quant_bits=None, dora=True, precision="bf16"), "adapter.method"),
-    (dict(quant_bits=4, dora=False, precision="fp16"), "train.precision"),
+    (dict(quant_bits=8, dora=False, precision="bf16", optimizer="adamw"), "model.quantization.bits"),
+    (dict(quant_bits=None, dora=True, precision="bf16", optimizer="adamw"), "adapter.method"),
+    (dict(quant_bits=4, dora=False, precision="fp16", optimizer="adamw"), "train.precision"),
+    (dict(quant_bits=4, dora=False, precision="bf16", optimizer="paged_adamw_8bit"), "train.optimizer"),
 ])
 def test_what_fsdp_cannot_shard_is_refused_naming_the_key(settings, key):
     with pytest.raises(LorafitError, match=key):
         parallel.check_sharding_fits(**settings)
-    parallel.check_sharding_fits(quant_bits=4, dora=False, precision="bf16")  # QLoRA in bf16 is fine
+    parallel.check_sharding_fits(quant_bits=4, dora=False, precision="bf16", optimizer="adamw")  # QLoRA in bf16
 
 
 def test_fsdp_with_dora_is_refused_before_loading_the_model(tmp_path, learnable_model_dir, monkeypatch, capsys):
@@ -136,3 +138,19 @@ def test_fsdp_with_dora_is_refused_before_loading_the_model(tmp_path, learnable_
     assert train(config) == 2
     err = capsys.readouterr().err
     assert "adapter.method: dora" in err and "Traceback" not in err
+
+
+def test_shipped_fsdp_configs_plan_sharded_memory_below_one_gpu(capsys):
+    from lorafit.cli import main
+
+    fsdp_configs = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "accelerate/fsdp.yaml" in p.read_text()]
+    assert fsdp_configs
+    for path in fsdp_configs:
+        sharded, whole = [], []
+        for args, out in ((["--processes", "2", "--fsdp"], sharded), ([], whole)):
+            with pytest.raises(SystemExit) as info:
+                main(["validate", str(path), *args])
+            assert info.value.code == 0, capsys.readouterr().err
+            text = capsys.readouterr().out
+            out.append(float(text.split("memory (est.)")[1].split("GiB")[0]))
+        assert sharded[0] < 0.7 * whole[0], path  # the weights, most of the memory, are split in two
