@@ -573,6 +573,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = bare_name(name)  # FSDP puts a segment between lora_B and .weight
         if name.endswith("lora_A.weight"):
             buckets["lora_A"].append(p)
         elif name.endswith("lora_B.weight"):

@@ -167,8 +167,9 @@ def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    weights = parallel.trainable_state(model)  # collective under FSDP: every process takes part
-    optimizer_state = parallel.optimizer_state(model, _inner(optimizer))
+    if parallel.is_sharded(model) or accelerator.is_main_process:  # collective under FSDP: every process gathers
+        weights = parallel.trainable_state(model)
+        optimizer_state = parallel.optimizer_state(model, _inner(optimizer))
     if accelerator.is_main_process:
         save_file(weights, tmp / "trainable.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")

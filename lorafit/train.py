@@ -97,7 +97,9 @@ def _build_optimizer(cfg: Config, model):
     t = cfg.train
     groups = param_groups(model, lr=t.lr, weight_decay=t.weight_decay, lora_plus_ratio=t.lora_plus_ratio)
     if t.optimizer == "adamw":
-        fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+        # fused kernels for one process or DDP; FSDP hands out empty shards, which the default foreach path takes
+        fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"]) \
+            and not parallel.is_sharded(model)
         return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
     import bitsandbytes as bnb
 

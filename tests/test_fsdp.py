@@ -154,3 +154,32 @@ def test_shipped_fsdp_configs_plan_sharded_memory_below_one_gpu(capsys):
             text = capsys.readouterr().out
             out.append(float(text.split("memory (est.)")[1].split("GiB")[0]))
         assert sharded[0] < 0.7 * whole[0], path  # the weights, most of the memory, are split in two
+
+
+def test_fsdp_wrapped_model_keeps_adapter_names_groups_and_files(tmp_path, tiny_model):
+    """Inside FSDP every module path gains `_fsdp_wrapped_module` segments; LoRA+ groups, the adapter's layer names
+    and the saved tensor names must still be the bare model's (one process: FSDP wraps without sharding)."""
+    import torch.distributed as dist
+
+    from lorafit.checkpoint import save_adapter
+    from lorafit.lora import attach_lora, lora_layers, lora_state_dict, param_groups
+
+    wrapped = attach_lora(tiny_model, ["q_proj", "v_proj"], r=4, alpha=8)
+    expected = {k: v.clone() for k, v in lora_state_dict(tiny_model).items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = parallel.shard_model(tiny_model, parallel.Sharding(), torch.device("cpu"))
+        assert any("_fsdp_wrapped_module" in n for n, _ in model.named_parameters())
+        assert sorted(lora_layers(model)) == sorted(wrapped)
+        groups = {g["name"]: g for g in param_groups(model, lr=1e-3, lora_plus_ratio=16)}
+        assert set(groups) == {"lora_A", "lora_B"} and groups["lora_B"]["lr"] == 16e-3
+        weights = parallel.trainable_state(model)
+        assert sorted(weights) == sorted(k.removeprefix("base_model.model.") for k in expected)
+        save_adapter(parallel.unwrap(model), tmp_path / "adapter", base_model_name_or_path=None, r=4, alpha=8,
+                     dropout=0.0, targets=["q_proj", "v_proj"], weights=weights)
+    finally:
+        dist.destroy_process_group()
+    saved = adapter_tensors(tmp_path)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
