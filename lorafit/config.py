@@ -132,7 +132,7 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     max_grad_norm: Float | None = Field(1.0, ge=0)  # null or 0: no clipping
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = True  # auto: on only when the memory plan says it is needed
     seed: int = 42
     log_every: Int = Field(10, ge=1)
     eval_every: Int = Field(0, ge=0)  # steps; 0 = at the end only

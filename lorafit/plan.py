@@ -23,6 +23,7 @@ BUNDLED_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GiB = 1024**3
+FIT_FRACTION = 0.9  # of a device's memory the estimate may fill before gradient_checkpointing: auto turns it on
 
 
 @dataclass
@@ -125,11 +126,13 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def estimate_memory(cfg: Config, shape: ModelShape, shards: int = 1) -> dict[str, float]:
+def estimate_memory(cfg: Config, shape: ModelShape, shards: int = 1,
+                    checkpointing: bool | None = None) -> dict[str, float]:
     """Bytes per device for weights, adapter (+ grads + optimizer state), activations and logits.
 
     With FSDP over `shards` processes, each holds 1/shards of the weights and of the adapter's state, plus the
-    whole weights of the decoder layer being computed and of the next one (gathered ahead).
+    whole weights of the decoder layer being computed and of the next one (gathered ahead). `checkpointing`
+    overrides train.gradient_checkpointing; "auto" counts as off (what auto picks when it fits).
 
     Activations per token per decoder layer (Llama-style block, `a` bytes per activation): the two RMSNorm inputs
     (kept in fp32 too), the attention projections' inputs and outputs (6h + 3·kv), and the MLP's gate, up and
@@ -158,7 +161,9 @@ def estimate_memory(cfg: Config, shape: ModelShape, shards: int = 1) -> dict[str
     tokens = t.batch_size * cfg.data.max_length
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
     per_layer = tokens * (2 * h * (a + 4) + a * (6 * h + 3 * kv) + 3 * i * a)
-    if t.gradient_checkpointing:
+    if checkpointing is None:
+        checkpointing = t.gradient_checkpointing is True
+    if checkpointing:
         activations = shape.layers * tokens * h * a + per_layer
     else:
         activations = shape.layers * per_layer
@@ -172,6 +177,27 @@ def estimate_memory(cfg: Config, shape: ModelShape, shards: int = 1) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------------ data
+
+
+def checkpointing_needed(cfg: Config, shape: ModelShape, capacity: float, shards: int = 1) -> bool:
+    """For ``train.gradient_checkpointing: auto``: True when the estimate without checkpointing would fill more than
+    `FIT_FRACTION` of a device's `capacity` bytes (recomputing activations costs about 30% more compute)."""
+    return sum(estimate_memory(cfg, shape, shards, checkpointing=False).values()) > FIT_FRACTION * capacity
+
+
+def device_capacity(device) -> int:
+    """Bytes of memory on `device`: the GPU's total, or the machine's physical memory for the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def model_shape(cfg: Config) -> ModelShape | None:
+    """The model's shape for the memory estimate, or None when its config.json cannot be found offline."""
+    hf_config, source = _find_model_config(cfg)
+    return _model_shape(cfg, hf_config, source) if hf_config is not None else None
 
 
 def _count(sources: list[Any]) -> list[DataCount]:
@@ -268,6 +294,16 @@ def print_plan(console: Any, loaded: LoadedConfig, plan: Plan, show_config: bool
     console.print(f"Config OK. Next: {launch}lorafit train {loaded.path}")
 
 
+def _checkpointing_text(cfg: Config, plan: Plan) -> str:
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return "on" if setting else "off"
+    if not plan.memory:
+        return "auto (on: memory not estimated)"
+    need = sum(plan.memory.values()) / FIT_FRACTION / GiB
+    return f"auto: off on devices of ≥ {need:.1f} GiB, on below (memory below is without it)"
+
+
 def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
     q = cfg.model.quantization
     a, t = cfg.adapter, cfg.train
@@ -280,7 +316,7 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
         ("base weights", base),
         ("adapter", f"{a.method} r={a.r} alpha={a.alpha:g} scale={scale:.4g}{' (rsLoRA)' if a.rslora else ''} "
                     f"dropout={a.dropout:g}"),
-        ("precision", f"{t.precision}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"),
+        ("precision", f"{t.precision}, gradient checkpointing {_checkpointing_text(cfg, plan)}"),
     ]
     m = plan.model
     if m is not None:

@@ -79,7 +79,7 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None):
     tokenizer = load_tokenizer(cfg.model)
     device_map = {"": accelerator.device} if cfg.model.quantization is not None else None
     model = load_model(cfg.model, device_map=device_map, tokenizer=tokenizer, for_fsdp=sharding is not None)
-    prepare_for_kbit_training(model, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    prepare_for_kbit_training(model, gradient_checkpointing=_checkpointing(cfg, accelerator, sharding))
     a = cfg.adapter
     # The same seed on every process: each one starts from the same adapter (FSDP shards each process's own copy)
     torch.manual_seed(cfg.train.seed)
@@ -89,6 +89,27 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None):
     if sharding is not None:
         model = parallel.shard_model(model, sharding, accelerator.device)
     return model, tokenizer, wrapped, counts
+
+
+def _checkpointing(cfg: Config, accelerator, sharding: parallel.Sharding | None) -> bool:
+    """train.gradient_checkpointing, with auto decided by the memory plan against this device's memory."""
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return setting
+    from lorafit.plan import GiB, checkpointing_needed, device_capacity, estimate_memory, model_shape
+
+    shape = model_shape(cfg)
+    shards = accelerator.num_processes if sharding is not None else 1
+    if shape is None:
+        on, why = True, "the model's memory cannot be estimated"
+    else:
+        capacity = device_capacity(accelerator.device)
+        on = checkpointing_needed(cfg, shape, capacity, shards)
+        without = sum(estimate_memory(cfg, shape, shards, checkpointing=False).values())
+        why = f"estimated {without / GiB:.1f} GiB without it, device has {capacity / GiB:.1f} GiB"
+    if accelerator.is_main_process:
+        print(f"gradient checkpointing (auto): {'on' if on else 'off'} ({why})", flush=True)
+    return on
 
 
 def _build_optimizer(cfg: Config, model):

@@ -290,3 +290,28 @@ def test_unwritable_output_dir_is_reported_before_training(tmp_path, learnable_m
     config = make_config(tmp_path, learnable_model_dir)
     assert train(config, f"output.dir={blocker / 'run'}") == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_auto_checkpointing_is_on_only_when_the_plan_without_it_does_not_fit():
+    from lorafit import plan
+    from lorafit.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "llama-8b-qlora.yaml", ["train.gradient_checkpointing=auto"]).config
+    shape = plan.model_shape(cfg)
+    without = sum(plan.estimate_memory(cfg, shape, checkpointing=False).values())
+    with_it = sum(plan.estimate_memory(cfg, shape, checkpointing=True).values())
+    assert with_it < 0.5 * without  # 8B at 4 × 2048 tokens: activations dominate
+    assert plan.checkpointing_needed(cfg, shape, capacity=80 * 1024**3) is False  # an 80 GB GPU holds it
+    assert plan.checkpointing_needed(cfg, shape, capacity=24 * 1024**3) is True  # a 24 GB one does not
+    assert plan.checkpointing_needed(cfg, shape, capacity=without / plan.FIT_FRACTION * 0.99) is True
+    # FSDP over 2 processes halves the weights, so a device just too small for one copy may fit without it
+    assert plan.checkpointing_needed(cfg, shape, capacity=without / plan.FIT_FRACTION * 0.99, shards=2) is False
+
+
+def test_auto_checkpointing_prints_its_choice_and_trains(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=2, gradient_checkpointing="auto")
+    assert train(config) == 0
+    out = capsys.readouterr().out
+    assert "gradient checkpointing (auto): off (estimated" in out  # a tiny model in this machine's RAM
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
