@@ -98,6 +98,13 @@ def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, o
         raise LorafitError("FSDP: " + "; ".join(problems))
 
 
+def check_config_fits(cfg) -> None:
+    """`check_sharding_fits` for a lorafit Config (train and validate refuse the same things)."""
+    q = cfg.model.quantization
+    check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
+                        precision=cfg.train.precision, optimizer=cfg.train.optimizer)
+
+
 def take_fsdp_request_from_environment() -> None:
     """Remove ``ACCELERATE_USE_FSDP`` from this process's environment once lorafit has read it.
 

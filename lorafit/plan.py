@@ -241,9 +241,7 @@ def make_plan(cfg: Config, processes: int | None = None, fsdp: bool | None = Non
     if fsdp is None:
         fsdp = parallel.requested_sharding() is not None
     if fsdp:
-        q = cfg.model.quantization
-        parallel.check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
-                                     precision=cfg.train.precision, optimizer=cfg.train.optimizer)
+        parallel.check_config_fits(cfg)
     hf_config, source = _find_model_config(cfg)
     shape = _model_shape(cfg, hf_config, source) if hf_config is not None else None
     train_data, eval_data = _count(cfg.data.train), _count(cfg.data.eval)

@@ -40,9 +40,7 @@ def _make_accelerator(cfg: Config):
     _check_trackers(cfg.train.trackers)
     sharding = parallel.requested_sharding()
     if sharding is not None:
-        q = cfg.model.quantization
-        parallel.check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
-                                     precision=cfg.train.precision, optimizer=cfg.train.optimizer)
+        parallel.check_config_fits(cfg)
         parallel.take_fsdp_request_from_environment()  # lorafit shards the model itself (`parallel.shard_model`)
     precision = PRECISION[cfg.train.precision]
     if precision == "fp16" and not torch.cuda.is_available():
