@@ -172,7 +172,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP or FSDP root wrapper (FSDP's inner units stay: `lora.bare_name` drops their segments from names)."""
+    """The model inside a DDP or FSDP root wrapper. FSDP's inner units stay; `lora.bare_name` drops their
+    segments from names."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model

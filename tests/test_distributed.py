@@ -51,18 +51,26 @@ def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, learnable_model
     assert last[0]["tokens"] == last[1]["tokens"]
 
 
-def test_kill_and_resume_under_two_processes_equals_a_straight_run(tmp_path, learnable_model_dir):
-    common = dict(max_steps=24, save_every=4, batch_size=1, keep_checkpoints=100)
-    straight = make_config(tmp_path, learnable_model_dir, name="straight", **common)
-    killed = make_config(tmp_path, learnable_model_dir, name="killed", **common)
+def straight_and_killed_runs(tmp_path: Path, model_dir: Path, max_steps: int, kill_after: int,
+                             fsdp: bool = False) -> Path:
+    """Train `straight` to the end and `killed` until checkpoint `kill_after`, then SIGKILL it (dropout on, so a
+    resume must restore every rank's RNG). Returns the killed run's config."""
+    common = dict(max_steps=max_steps, save_every=4, batch_size=1, keep_checkpoints=100)
+    straight = make_config(tmp_path, model_dir, name="straight", **common)
+    killed = make_config(tmp_path, model_dir, name="killed", **common)
     for cfg in (straight, killed):
         cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
-    torchrun(straight)
-    proc = torchrun(killed, wait=False)
-    _wait_for(tmp_path / "killed" / "checkpoints" / "step-000008" / "state.json", proc)
+    torchrun(straight, fsdp=fsdp)
+    proc = torchrun(killed, wait=False, fsdp=fsdp)
+    _wait_for(tmp_path / "killed" / "checkpoints" / f"step-{kill_after:06d}" / "state.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, as a crashed machine would
     proc.wait()
     assert not (tmp_path / "killed" / "adapter").exists()
+    return killed
+
+
+def test_kill_and_resume_under_two_processes_equals_a_straight_run(tmp_path, learnable_model_dir):
+    killed = straight_and_killed_runs(tmp_path, learnable_model_dir, max_steps=24, kill_after=8)
     ckpt = json.loads(sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))[-1].joinpath("state.json")
                       .read_text())
     assert ckpt["world_size"] == 2

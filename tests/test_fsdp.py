@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import torchrun
-from test_train import _wait_for, adapter_tensors, assert_same_training, make_config, metrics, train
+from test_distributed import straight_and_killed_runs, torchrun
+from test_train import adapter_tensors, assert_same_training, make_config, metrics, train
 
 from lorafit import parallel
 from lorafit.errors import LorafitError
@@ -64,17 +63,7 @@ def test_fsdp_qlora_two_processes_equal_one(tmp_path, learnable_model_dir):
 
 @pytest.mark.slow
 def test_fsdp_kill_and_resume_equals_a_straight_run(tmp_path, learnable_model_dir):
-    common = dict(max_steps=12, save_every=4, batch_size=1, keep_checkpoints=100)
-    straight = make_config(tmp_path, learnable_model_dir, name="straight", **common)
-    killed = make_config(tmp_path, learnable_model_dir, name="killed", **common)
-    for cfg in (straight, killed):
-        cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
-    torchrun(straight, fsdp=True)
-    proc = torchrun(killed, wait=False, fsdp=True)
-    _wait_for(tmp_path / "killed" / "checkpoints" / "step-000004" / "state.json", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "adapter").exists()
+    killed = straight_and_killed_runs(tmp_path, learnable_model_dir, max_steps=12, kill_after=4, fsdp=True)
     newest = sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))[-1]
     assert json.loads((newest / "state.json").read_text())["fsdp"] is True
     # a sharded run's optimizer state is keyed by parameter name: resuming without FSDP is refused, with the reason
