@@ -155,14 +155,18 @@ def evaluate(
                                            show_default=False),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file.",
                                             show_default=False),
+    generate_rows: int = typer.Option(32, "--generate", min=0, metavar="N",
+                                      help="Eval rows each model answers greedily for exact match, contains and "
+                                           "ROUGE-L (0 = loss only)."),
 ) -> None:
-    """Measure the base model and the adapter side by side on the same eval data (loss, perplexity).
+    """Measure the base model and the adapter side by side on the same eval data (loss, perplexity, and generation
+    metrics on rows with reference answers).
 
-    Example:  lorafit eval runs/tiny-quickstart --json results.json
+    Example:  lorafit eval runs/tiny-quickstart --generate 50 --json results.json
     """
     from lorafit.evaluate import evaluate_command
 
-    evaluate_command(source, adapter_dir=adapter, json_path=json_out)
+    evaluate_command(source, adapter_dir=adapter, json_path=json_out, generate_rows=generate_rows)
 
 
 @app.command()

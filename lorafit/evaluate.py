@@ -135,7 +135,7 @@ def _load_for_eval(config, adapter: Path):
 
 
 def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: Path | None = None,
-                     console=None) -> dict[str, Any]:
+                     console=None, generate_rows: int | None = None) -> dict[str, Any]:
     """`lorafit eval`: the base model and the adapter on the same eval data, side by side.
 
     Args:
@@ -145,6 +145,8 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
         json_path: also write the results here: {"base": {"loss", "perplexity", "tokens"}, "adapter": {...},
             "generation": {...}} (generation only when eval rows have reference outputs).
         console: a rich Console (default: stdout).
+        generate_rows: eval rows decoded greedily by each model for the generation metrics (default
+            `GENERATION_ROWS`; 0 skips them).
 
     Returns:
         The results as written to JSON.
@@ -165,7 +167,8 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
     if not any(lab != IGNORE_INDEX for r in rows for lab in r.labels):
         raise DataError("the eval data has no trained token (every eval row was dropped or is empty); check data.eval "
                         "or raise data.eval_fraction")
-    cases = generation_cases(prepared.eval, tokenizer)
+    limit = GENERATION_ROWS if generate_rows is None else generate_rows
+    cases = generation_cases(prepared.eval, tokenizer, limit) if limit > 0 else []
     stop_ids = stop_token_ids(tokenizer, src)
     accelerator = _SingleProcess(next(model.parameters()).device)
     results: dict[str, Any] = {}

@@ -1,12 +1,14 @@
-"""Build assets/tiny-llama: a byte-level BPE tokenizer and a ~4M-parameter Llama pretrained on Python's own docs.
+"""Build assets/tiny-llama: a byte-level BPE tokenizer and a ~3.5M-parameter Llama pretrained on Python's own docs.
 
-    python scripts/build_tiny_model.py                    # ~8 minutes on 2 CPU cores; writes assets/tiny-llama
+    python scripts/build_tiny_model.py                    # ~12 minutes on 2 CPU cores; writes assets/tiny-llama
     python scripts/build_tiny_model.py --steps 50 --out /tmp/tiny   # a quick look
 
 Everything comes with Python: the language reference (`pydoc_data.topics`) and the docstrings of a fixed list of
-stdlib modules, plus a little instruction-format text (Alpaca prompts and ChatML turns) for other word tasks
-("Copy the word:", "Uppercase the word:", ...) on words the quickstart task never uses, so the model knows the
-prompt template but has never seen the task ("Repeat the word twice: ...", see scripts/make_task_data.py).
+stdlib modules fill half of every batch. The other half is instruction-format text (Alpaca prompts and ChatML
+turns) for other word tasks ("Copy the word:", "Swap the two words:", ...), drawn fresh at every step, on words the
+quickstart task never uses: the model learns the prompt template and to copy from its prompt, but has never seen
+the task ("Repeat the word twice: ...", see scripts/make_task_data.py). The build reports how many of the task's
+held-out words the model copies when asked to (`copies_heldout_words` in build_stats.json).
 
 Deterministic: fixed seeds, a fixed thread count, deterministic algorithms; the same machine type, Python (its
 pydoc_data) and torch give the same weights. The result is committed, so nobody has to run this to use lorafit.
@@ -29,7 +31,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
-from make_task_data import INSTRUCTION, pretraining_words  # noqa: E402
+from make_task_data import INSTRUCTION, pretraining_words, split_words  # noqa: E402
 
 from lorafit.data.formats import alpaca_prompt  # noqa: E402 - the exact template lorafit trains with
 
@@ -49,7 +51,7 @@ MODEL_SHAPE = dict(
     num_key_value_heads=2,
     max_position_embeddings=1024,
     rope_theta=10000.0,
-    tie_word_embeddings=False,
+    tie_word_embeddings=True,  # copying a token then generalizes to tokens never copied in pretraining
 )
 STDLIB_MODULES = (
     "abc argparse base64 bisect calendar collections contextlib copy csv dataclasses datetime difflib enum fractions "
@@ -90,37 +92,89 @@ def reference_documents() -> list[str]:
     return [d for d in docs if d.strip()]
 
 
-def random_word(rng: random.Random, words: list[str]) -> str:
-    """A real (pretraining-pool) word or, 70% of the time, a fresh string of 3-8 random letters.
+def random_word(rng: random.Random, words: list[str], pieces: list[str] = (), avoid: frozenset[str] = frozenset()) -> str:
+    """A word to copy: a real word from the pretraining pool, a fresh string of 3-8 random letters, or (given
+    `pieces`) one or two tokenizer pieces glued together, a third of the time each; never a word in `avoid`.
 
-    The random strings are why the model learns to copy from its prompt: a fixed pool of words gets memorized
-    (word -> answer) instead, and then a LoRA run on new words has no copying mechanism to build on.
+    Only words that vary this much teach the model to copy from its prompt: a fixed pool of words gets memorized
+    (word -> answer), and then a LoRA run on new words has no copying mechanism to build on. The pieces spread the
+    copying over most of the vocabulary, so it carries over to the held-out words' tokens.
     """
-    if rng.random() < 0.3:
-        return rng.choice(words)
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
-
-
-def instruction_examples(rng: random.Random, n_alpaca: int, n_chat: int) -> list[tuple[str, str]]:
-    """(prompt, response) pairs for the warm-up word tasks: Alpaca prompts, and a few ChatML conversations."""
-    words = pretraining_words()
-    tasks = list(WORD_TASKS.items()) + list(PAIR_TASKS.items())
-    out = []
-    for k in range(n_alpaca + n_chat):
-        instruction, fn = rng.choice(tasks)
-        if instruction in PAIR_TASKS:
-            a, b = random_word(rng, words), random_word(rng, words)
-            text_in, answer = f"{a} {b}", fn(a, b)
+    while True:
+        kind = rng.randrange(3 if pieces else 2)
+        if kind == 0:
+            word = rng.choice(words)
+        elif kind == 1:
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
         else:
-            text_in = random_word(rng, words)
-            answer = fn(text_in)
-        answer = " " + answer  # as in the task data: the answer's words tokenize like the prompt's (see there)
-        if k < n_alpaca:
-            out.append((alpaca_prompt(f"{instruction} {text_in}", ""), answer))
-        else:  # the chat template's rendering: the model should know <|im_start|>/<|im_end|> too
-            prompt = f"<|im_start|>user\n{instruction} {text_in}<|im_end|>\n<|im_start|>assistant\n"
-            out.append((prompt, answer + "<|im_end|>"))
-    return out
+            word = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 2)))
+        if word not in avoid:  # glued pieces or random letters can spell a task word ("dis" + "play")
+            return word
+
+
+def vocabulary_pieces(tokenizer, exclude: set[str]) -> list[str]:
+    """The tokenizer's purely lowercase-alphabetic tokens (a leading-space marker dropped), sorted, minus `exclude`."""
+    pieces = {t.lstrip("\u0120") for t in tokenizer.get_vocab()}  # byte-level BPE writes a leading space as U+0120
+    return sorted(p for p in pieces if p.isascii() and p.isalpha() and p.islower() and p not in exclude)
+
+
+def instruction_example(
+    rng: random.Random, words: list[str], chat: bool, pieces: list[str] = (), avoid: frozenset[str] = frozenset()
+) -> tuple[str, str]:
+    """One (prompt, response) pair for a random warm-up word task, in the Alpaca template or as a ChatML turn."""
+    instruction, fn = rng.choice(list(WORD_TASKS.items()) + list(PAIR_TASKS.items()))
+    if instruction in PAIR_TASKS:
+        a, b = random_word(rng, words, pieces, avoid), random_word(rng, words, pieces, avoid)
+        text_in, answer = f"{a} {b}", fn(a, b)
+    else:
+        text_in = random_word(rng, words, pieces, avoid)
+        answer = fn(text_in)
+    answer = " " + answer  # as in the task data: the answer's words tokenize like the prompt's (see there)
+    if not chat:
+        return alpaca_prompt(f"{instruction} {text_in}", ""), answer
+    # the chat template's rendering: the model should know <|im_start|>/<|im_end|> too
+    return f"<|im_start|>user\n{instruction} {text_in}<|im_end|>\n<|im_start|>assistant\n", answer + "<|im_end|>"
+
+
+def task_words() -> frozenset[str]:
+    """The quickstart task's train and eval words: never in the warm-up text."""
+    return frozenset(w for split in ("train", "eval") for w in split_words()[split])
+
+
+def instruction_examples(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """`n` warm-up examples, one in ten a ChatML turn (the tokenizer's training text)."""
+    words, avoid = pretraining_words(), task_words()
+    return [instruction_example(rng, words, rng.random() < 0.1, avoid=avoid) for _ in range(n)]
+
+
+class ExampleBlocks:
+    """An endless supply of token blocks packed with freshly drawn warm-up examples.
+
+    Fresh, never repeated: a fixed set of examples seen many times gets memorized (prompt -> answer), and the model
+    then never learns to copy from its prompt, which is all a LoRA run on new words can build on.
+    """
+
+    def __init__(self, tokenizer, block: int, seed: int):
+        self.tokenizer, self.block = tokenizer, block
+        self.rng = random.Random(seed)
+        self.words = pretraining_words()
+        self.avoid = task_words()
+        self.pieces = vocabulary_pieces(tokenizer, exclude=self.avoid)
+
+    def _ids(self, prompt: str, response: str) -> list[int]:
+        # exactly as lorafit tokenizes a row: prompt with BOS, the response on its own, then EOS
+        tok = self.tokenizer
+        return tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def take(self, n: int) -> torch.Tensor:
+        """(n, block) token ids."""
+        rows = []
+        for _ in range(n):
+            ids: list[int] = []
+            while len(ids) < self.block:
+                ids += self._ids(*instruction_example(self.rng, self.words, self.rng.random() < 0.1, self.pieces, self.avoid))
+            rows.append(ids[: self.block])
+        return torch.tensor(rows)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -158,13 +212,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     return fast
 
 
-def token_stream(tokenizer, docs: list[str], examples: list[tuple[str, str]], rng: random.Random) -> list[int]:
-    """All pieces as one stream of ids: documents as <s> text </s>; examples exactly as lorafit tokenizes them
-    (prompt with BOS, then the response tokenized on its own, then EOS), so the prompt/response seam matches."""
+def token_stream(tokenizer, docs: list[str], rng: random.Random) -> list[int]:
+    """The documents, shuffled, as one stream of ids: <s> text </s> each."""
     pieces = [tokenizer(d)["input_ids"] + [tokenizer.eos_token_id] for d in docs]
-    for prompt, response in examples:
-        ids = tokenizer(prompt)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
-        pieces.append(ids + [tokenizer.eos_token_id])
     rng.shuffle(pieces)
     return [t for p in pieces for t in p]
 
@@ -204,9 +254,27 @@ def block_loss(model, blocks: torch.Tensor) -> float:
     return float(torch.stack(losses).mean())
 
 
-def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """AdamW over random batches of `blocks` (N, T) in bf16 autocast (AMX/AVX-512 CPUs run it several times faster
-    than fp32; the weights and optimizer stay fp32). Returns the loss of every step."""
+@torch.no_grad()
+def copy_accuracy(model, tokenizer, words: list[str]) -> float:
+    """Share of `words` the model copies exactly, greedily, when asked "Copy the word: W" in the Alpaca template:
+    the ability the quickstart's LoRA run builds on, measured on the quickstart's held-out words."""
+    model.eval()
+    right = 0
+    for word in words:
+        ids = tokenizer(alpaca_prompt(f"Copy the word: {word}", ""), return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        right += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == word
+    model.train()
+    return right / len(words)
+
+
+def pretrain(
+    model, blocks: torch.Tensor, examples: ExampleBlocks, steps: int, batch_size: int, lr: float, seed: int, task_share: float
+) -> list[float]:
+    """AdamW over batches of random document `blocks` (N, T) and, for `task_share` of each batch, fresh warm-up
+    example blocks, in bf16 autocast (AMX/AVX-512 CPUs run it several times faster than fp32; the weights and
+    optimizer stay fp32). Returns the loss of every step."""
+    n_task = round(batch_size * task_share)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -215,7 +283,8 @@ def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int, lr: float
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]  # (B, T)
+        docs = blocks[torch.randint(len(blocks), (batch_size - n_task,), generator=gen)]
+        batch = torch.cat([docs, examples.take(n_task)])  # (B, T)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -243,7 +312,8 @@ def save(model, tokenizer, out: Path, stats: dict) -> None:
         f"layers, hidden {MODEL_SHAPE['hidden_size']}) with a {stats['vocab_size']}-token byte-level BPE "
         f"tokenizer, pretrained for {stats['steps']} steps ({stats['tokens_seen'] / 1e6:.2f}M tokens) on Python's "
         f'language reference and stdlib docstrings, plus Alpaca/ChatML word tasks (never "{INSTRUCTION}").\n'
-        f"Final training loss {stats['final_train_loss']:.3f}, held-out loss {stats['heldout_loss']:.3f}.\n\n"
+        f"Final training loss {stats['final_train_loss']:.3f}, held-out loss {stats['heldout_loss']:.3f}. Asked "
+        f'"Copy the word: W", it copies {stats["copies_heldout_words"]:.0%} of the quickstart task\'s held-out words.\n\n'
         f"Built by `python scripts/build_tiny_model.py` for lorafit's quickstart and tests; it knows little "
         f"beyond the template.\n"
     )
@@ -257,10 +327,13 @@ def main() -> None:
         epilog="Example:  python scripts/build_tiny_model.py --out assets/tiny-llama",
     )
     parser.add_argument("--out", type=Path, default=Path("assets/tiny-llama"), help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=3500, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per step (default: %(default)s)")
     parser.add_argument("--block", type=int, default=256, help="tokens per block (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--task-share", type=float, default=0.5, help="share of each batch that is warm-up examples (default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads; results depend on it (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="seed for everything (default: %(default)s)")
     args = parser.parse_args()
@@ -273,14 +346,14 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     docs = reference_documents()
-    examples = instruction_examples(rng, n_alpaca=6000, n_chat=600)
+    examples = instruction_examples(rng, 6600)  # for the tokenizer: it should know the template's pieces
     tokenizer = train_tokenizer(docs + [p + r for p, r in examples])
-    stream = torch.tensor(token_stream(tokenizer, docs, examples, rng))
+    stream = torch.tensor(token_stream(tokenizer, docs, rng))
     blocks = stream[: len(stream) // args.block * args.block].view(-1, args.block)  # (N, T)
     heldout, blocks = blocks[:16], blocks[16:]
     print(
-        f"{len(docs)} documents + {len(examples)} instruction examples = {len(stream):,} tokens "
-        f"({len(blocks)} blocks of {args.block}); tokenizer {len(tokenizer)} tokens "
+        f"{len(docs)} documents = {len(stream):,} tokens ({len(blocks)} blocks of {args.block}), plus fresh "
+        f"warm-up examples for {args.task_share:.0%} of each batch; tokenizer {len(tokenizer)} tokens "
         f"({time.perf_counter() - started:.0f}s)",
         flush=True,
     )
@@ -288,7 +361,8 @@ def main() -> None:
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
-    losses = pretrain(model, blocks, args.steps, args.batch_size, args.lr, args.seed)
+    example_blocks = ExampleBlocks(tokenizer, args.block, args.seed)
+    losses = pretrain(model, blocks, example_blocks, args.steps, args.batch_size, args.lr, args.seed, args.task_share)
     final = sum(losses[-25:]) / len(losses[-25:])
     stats = {
         "parameters": n_params,
@@ -298,6 +372,7 @@ def main() -> None:
         "corpus_tokens": len(stream),
         "final_train_loss": round(final, 4),
         "heldout_loss": round(block_loss(model, heldout), 4),
+        "copies_heldout_words": copy_accuracy(model, tokenizer, split_words()["eval"]),
         "seconds": round(time.perf_counter() - started),
         "threads": args.threads,
         "seed": args.seed,

@@ -79,6 +79,24 @@ def test_json_has_contract_keys_and_adapter_beats_base_after_short_run(trained_r
     assert "perplexity" in shown and "ROUGE-L" in shown and "enots" in shown
 
 
+def test_generate_option_sets_how_many_rows_are_decoded(trained_run, tmp_path, capsys):
+    from lorafit.cli import main
+    from lorafit.evaluate import GENERATION_ROWS
+
+    for rows, expected in (("2", 2), ("0", None)):
+        out = tmp_path / f"eval-{rows}.json"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", str(trained_run), "--generate", rows, "--json", str(out)])
+        assert exit_info.value.code == 0
+        written = json.loads(out.read_text())
+        assert written.get("generation", {}).get("rows") == expected
+        assert written["adapter"]["tokens"] > 0  # the loss pass covers all rows either way
+        assert ("ROUGE-L (2 rows)" in capsys.readouterr().out) == (expected == 2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert f"default: {GENERATION_ROWS}" in capsys.readouterr().out.replace("\n", " ")
+
+
 def test_config_file_source_uses_output_dir_adapter_and_the_adapter_option(trained_run, tmp_path, tiny_model_dir):
     config_file = trained_run / "config.yaml"
     from_config = evaluate_command(config_file)

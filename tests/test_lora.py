@@ -242,7 +242,7 @@ def test_gradient_checkpointing_gives_same_gradients(vocab):
         attach_lora(model, "all-linear", r=R, alpha=ALPHA)
         _randomize_b(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         ids = _ids(vocab)
         model(ids, labels=ids).loss.backward()

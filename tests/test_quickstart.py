@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,9 @@ def test_committed_task_rows_ask_for_the_word_twice(split):
         assert row["instruction"] == f"Repeat the word twice: {word}" and row["output"] == f" {word} {word}"
 
 
-def test_short_quickstart_run_beats_the_base_on_held_out_words(monkeypatch, tmp_path):
+def test_quickstart_run_learns_the_task_on_held_out_words(monkeypatch, tmp_path):
+    """The README's quickstart as shipped (about 15 s of training): the adapter answers most held-out words right,
+    the base none."""
     from rich.console import Console
 
     from lorafit.evaluate import evaluate_command
@@ -85,9 +88,47 @@ def test_short_quickstart_run_beats_the_base_on_held_out_words(monkeypatch, tmp_
     monkeypatch.chdir(REPO)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(CONFIG), "train.max_steps=30", "train.log_every=5", f"output.dir={run}"])
+        main(["train", str(CONFIG), f"output.dir={run}"])
     assert exit_info.value.code == 0
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     results = evaluate_command(run, console=Console(file=io.StringIO()))
     assert results["adapter"]["tokens"] == results["base"]["tokens"] > 0
-    assert results["adapter"]["loss"] < results["base"]["loss"] - 0.5  # 5.93 -> ~4.6 at 30 steps
+    assert results["adapter"]["loss"] < results["base"]["loss"] - 3  # measured 6.95 -> 0.12
+    generation = results["generation"]
+    assert generation["base"]["exact_match"] == 0
+    assert generation["adapter"]["exact_match"] >= 0.6  # measured 0.94 on 32 held-out words
+
+
+def test_warm_up_words_never_spell_a_task_word():
+    from lorafit.model import load_tokenizer
+
+    build = _load_script("build_tiny_model")
+    avoid = build.task_words()
+    pieces = ["dis", "play", "keep", "ord", "ered"]  # "dis" + "play" and "keep" spell task words
+    assert {"display", "keep"} <= avoid
+    rng = random.Random(0)
+    drawn = {build.random_word(rng, ["alpha", "beta"], pieces, avoid) for _ in range(2000)}
+    assert not drawn & avoid
+    assert {"alpha", "beta", "dis", "ord", "disord"} <= drawn  # pool words, pieces and glued pieces all occur
+    vocab_pieces = build.vocabulary_pieces(load_tokenizer(str(MODEL_DIR)), exclude=avoid)
+    assert len(vocab_pieces) > 1000 and not set(vocab_pieces) & avoid
+    assert all(p.isascii() and p.isalpha() and p.islower() for p in vocab_pieces)
+
+
+def test_build_script_makes_a_loadable_tied_model_quickly(tmp_path):
+    """A few steps of the real build (the full one takes ~12 minutes): the result loads through lorafit."""
+    import subprocess
+    import sys
+
+    from lorafit.model import load_model, load_tokenizer
+
+    out = tmp_path / "tiny"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_model.py"), "--steps", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((out / "build_stats.json").read_text())
+    assert stats["steps"] == 3 and 0 <= stats["copies_heldout_words"] <= 1
+    model = load_model(str(out), dtype="float32")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, as saved
+    assert len(load_tokenizer(str(out))) == model.config.vocab_size == stats["vocab_size"]
+    assert "copies" in (out / "README.md").read_text()
