@@ -155,7 +155,7 @@ def evaluate(
                                            show_default=False),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file.",
                                             show_default=False),
-    generate_rows: int = typer.Option(32, "--generate", min=0, metavar="N",
+    generate_rows: int = typer.Option(32, "--generate", min=0,
                                       help="Eval rows each model answers greedily for exact match, contains and "
                                            "ROUGE-L (0 = loss only)."),
 ) -> None:
@@ -181,7 +181,7 @@ def generate(
 ) -> None:
     """Generate text from a trained adapter or a merged model.
 
-    Example:  lorafit generate runs/tiny-quickstart --prompt "Reverse the word: stone"
+    Example:  lorafit generate runs/tiny-quickstart --prompt "Repeat the word twice: stone"
     """
     from lorafit.generate import generate_command
 

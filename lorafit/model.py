@@ -235,11 +235,17 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool = True, upcast
             if p.ndim == 1 and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}  # reentrant checkpointing needs an input with grad and breaks with DDP
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
         model.enable_input_require_grads()
         model.config.use_cache = False  # the KV cache is useless in training and warns under checkpointing
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant: reentrant checkpointing needs an
+    input with grad and breaks with DDP), under whichever name this transformers version has."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -5,10 +5,11 @@
 
 Everything comes with Python: the language reference (`pydoc_data.topics`) and the docstrings of a fixed list of
 stdlib modules fill half of every batch. The other half is instruction-format text (Alpaca prompts and ChatML
-turns) for other word tasks ("Copy the word:", "Swap the two words:", ...), drawn fresh at every step, on words the
-quickstart task never uses: the model learns the prompt template and to copy from its prompt, but has never seen
-the task ("Repeat the word twice: ...", see scripts/make_task_data.py). The build reports how many of the task's
-held-out words the model copies when asked to (`copies_heldout_words` in build_stats.json).
+turns) for other word tasks ("Copy the word:", "Swap the two words:", ...), drawn fresh at every step, on words that
+neither are the quickstart task's words nor start with their tokens: the model learns the prompt template and to
+copy from its prompt, but has never seen the task ("Repeat the word twice: ...", see scripts/make_task_data.py).
+The build reports how many of the task's held-out words the model copies when asked to (`copies_heldout_words` in
+build_stats.json).
 
 Deterministic: fixed seeds, a fixed thread count, deterministic algorithms; the same machine type, Python (its
 pydoc_data) and torch give the same weights. The result is committed, so nobody has to run this to use lorafit.
@@ -25,6 +26,7 @@ import random
 import string
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -92,9 +94,9 @@ def reference_documents() -> list[str]:
     return [d for d in docs if d.strip()]
 
 
-def random_word(rng: random.Random, words: list[str], pieces: list[str] = (), avoid: frozenset[str] = frozenset()) -> str:
+def random_word(rng: random.Random, words: list[str], allowed: Callable[[str], bool], pieces: list[str] = ()) -> str:
     """A word to copy: a real word from the pretraining pool, a fresh string of 3-8 random letters, or (given
-    `pieces`) one or two tokenizer pieces glued together, a third of the time each; never a word in `avoid`.
+    `pieces`) one or two tokenizer pieces glued together, a third of the time each; always one `allowed` accepts.
 
     Only words that vary this much teach the model to copy from its prompt: a fixed pool of words gets memorized
     (word -> answer), and then a LoRA run on new words has no copying mechanism to build on. The pieces spread the
@@ -108,26 +110,28 @@ def random_word(rng: random.Random, words: list[str], pieces: list[str] = (), av
             word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
         else:
             word = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 2)))
-        if word not in avoid:  # glued pieces or random letters can spell a task word ("dis" + "play")
+        if allowed(word):  # glued pieces or random letters can spell a task word ("dis" + "play")
             return word
 
 
-def vocabulary_pieces(tokenizer, exclude: set[str]) -> list[str]:
+def vocabulary_pieces(tokenizer, exclude: Iterable[str]) -> list[str]:
     """The tokenizer's purely lowercase-alphabetic tokens (a leading-space marker dropped), sorted, minus `exclude`."""
     pieces = {t.lstrip("\u0120") for t in tokenizer.get_vocab()}  # byte-level BPE writes a leading space as U+0120
-    return sorted(p for p in pieces if p.isascii() and p.isalpha() and p.islower() and p not in exclude)
+    return sorted(p for p in pieces - set(exclude) if p.isascii() and p.isalpha() and p.islower())
 
 
 def instruction_example(
-    rng: random.Random, words: list[str], chat: bool, pieces: list[str] = (), avoid: frozenset[str] = frozenset()
+    rng: random.Random, words: list[str], allowed: Callable[[str], bool], chat: bool, pieces: list[str] = ()
 ) -> tuple[str, str]:
     """One (prompt, response) pair for a random warm-up word task, in the Alpaca template or as a ChatML turn."""
     instruction, fn = rng.choice(list(WORD_TASKS.items()) + list(PAIR_TASKS.items()))
     if instruction in PAIR_TASKS:
-        a, b = random_word(rng, words, pieces, avoid), random_word(rng, words, pieces, avoid)
+        a = b = random_word(rng, words, allowed, pieces)
+        while b == a:  # "Copy the words: flag flag" -> " flag flag" would be the quickstart task's answer
+            b = random_word(rng, words, allowed, pieces)
         text_in, answer = f"{a} {b}", fn(a, b)
     else:
-        text_in = random_word(rng, words, pieces, avoid)
+        text_in = random_word(rng, words, allowed, pieces)
         answer = fn(text_in)
     answer = " " + answer  # as in the task data: the answer's words tokenize like the prompt's (see there)
     if not chat:
@@ -136,30 +140,52 @@ def instruction_example(
     return f"<|im_start|>user\n{instruction} {text_in}<|im_end|>\n<|im_start|>assistant\n", answer + "<|im_end|>"
 
 
-def task_words() -> frozenset[str]:
-    """The quickstart task's train and eval words: never in the warm-up text."""
-    return frozenset(w for split in ("train", "eval") for w in split_words()[split])
+class TaskWordGuard:
+    """Says whether a warm-up word stays clear of the quickstart task's train and eval words: it is none of them
+    and, given the tokenizer, its tokens do not start with one's ("avoided" starts with the token of "avoid").
+    Template words the task also uses ("write", "copy") are not warm-up words, so they never meet this."""
+
+    def __init__(self, tokenizer=None):
+        self.words = frozenset(w for split in ("train", "eval") for w in split_words()[split])
+        self.tokenizer = tokenizer
+        self.prefixes = {self._ids(w) for w in self.words} if tokenizer is not None else set()
+
+    def _ids(self, word: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(" " + word, add_special_tokens=False)["input_ids"])  # as after "word:"
+
+    def __call__(self, word: str) -> bool:
+        if word in self.words:
+            return False
+        if self.tokenizer is None:
+            return True
+        ids = self._ids(word)
+        return not any(ids[:k] in self.prefixes for k in range(1, len(ids) + 1))
 
 
 def instruction_examples(rng: random.Random, n: int) -> list[tuple[str, str]]:
     """`n` warm-up examples, one in ten a ChatML turn (the tokenizer's training text)."""
-    words, avoid = pretraining_words(), task_words()
-    return [instruction_example(rng, words, rng.random() < 0.1, avoid=avoid) for _ in range(n)]
+    words, guard = pretraining_words(), TaskWordGuard()
+    return [instruction_example(rng, words, guard, rng.random() < 0.1) for _ in range(n)]
 
 
 class ExampleBlocks:
     """An endless supply of token blocks packed with freshly drawn warm-up examples.
 
-    Fresh, never repeated: a fixed set of examples seen many times gets memorized (prompt -> answer), and the model
-    then never learns to copy from its prompt, which is all a LoRA run on new words can build on.
+    Drawn fresh at every step (only examples on pool words recur, and rarely): a fixed set of examples seen many
+    times gets memorized (prompt -> answer), and the model then never learns to copy from its prompt, which is all
+    a LoRA run on new words can build on.
     """
 
     def __init__(self, tokenizer, block: int, seed: int):
         self.tokenizer, self.block = tokenizer, block
         self.rng = random.Random(seed)
-        self.words = pretraining_words()
-        self.avoid = task_words()
-        self.pieces = vocabulary_pieces(tokenizer, exclude=self.avoid)
+        self.guard = TaskWordGuard(tokenizer)
+        self.words = [w for w in pretraining_words() if self.guard(w)]
+        self.pieces = vocabulary_pieces(tokenizer, exclude=self.guard.words)
+
+    def example(self) -> tuple[str, str]:
+        """One fresh (prompt, response) pair."""
+        return instruction_example(self.rng, self.words, self.guard, self.rng.random() < 0.1, self.pieces)
 
     def _ids(self, prompt: str, response: str) -> list[int]:
         # exactly as lorafit tokenizes a row: prompt with BOS, the response on its own, then EOS
@@ -172,7 +198,7 @@ class ExampleBlocks:
         for _ in range(n):
             ids: list[int] = []
             while len(ids) < self.block:
-                ids += self._ids(*instruction_example(self.rng, self.words, self.rng.random() < 0.1, self.pieces, self.avoid))
+                ids += self._ids(*self.example())
             rows.append(ids[: self.block])
         return torch.tensor(rows)
 
@@ -312,12 +338,20 @@ def save(model, tokenizer, out: Path, stats: dict) -> None:
         f"layers, hidden {MODEL_SHAPE['hidden_size']}) with a {stats['vocab_size']}-token byte-level BPE "
         f"tokenizer, pretrained for {stats['steps']} steps ({stats['tokens_seen'] / 1e6:.2f}M tokens) on Python's "
         f'language reference and stdlib docstrings, plus Alpaca/ChatML word tasks (never "{INSTRUCTION}").\n'
-        f"Final training loss {stats['final_train_loss']:.3f}, held-out loss {stats['heldout_loss']:.3f}. Asked "
+        f"Final training loss {stats['final_train_loss']:.3f} (batches half documents, half word tasks); loss on "
+        f"held-out documents {stats['heldout_loss']:.3f} (it has memorized much of its small corpus). Asked "
         f'"Copy the word: W", it copies {stats["copies_heldout_words"]:.0%} of the quickstart task\'s held-out words.\n\n'
         f"Built by `python scripts/build_tiny_model.py` for lorafit's quickstart and tests; it knows little "
         f"beyond the template.\n"
     )
     (out / "README.md").write_text(card)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 def main() -> None:
@@ -332,7 +366,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=256, help="tokens per block (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument(
-        "--task-share", type=float, default=0.5, help="share of each batch that is warm-up examples (default: %(default)s)"
+        "--task-share", type=_fraction, default=0.5, help="share of each batch that is word tasks, 0-1 (default: %(default)s)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads; results depend on it (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="seed for everything (default: %(default)s)")
@@ -361,7 +395,7 @@ def main() -> None:
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
-    example_blocks = ExampleBlocks(tokenizer, args.block, args.seed)
+    example_blocks = ExampleBlocks(tokenizer, args.block, args.seed + 1)  # its own stream
     losses = pretrain(model, blocks, example_blocks, args.steps, args.batch_size, args.lr, args.seed, args.task_share)
     final = sum(losses[-25:]) / len(losses[-25:])
     stats = {

@@ -5,8 +5,9 @@
 
 The words come from the Python language reference that ships with every Python (`pydoc_data.topics`), so nothing
 is downloaded. Train and eval words are disjoint; the remaining words (`pretraining_words`) are what
-`scripts/build_tiny_model.py` may use for its own instruction-format warm-up text, so the tiny model never sees an
-eval word, nor any "repeat" answer, before the LoRA run. The output is a pure function of the seed and the
+`scripts/build_tiny_model.py` may use for its own instruction-format warm-up tasks. So before the LoRA run the tiny
+model has read the task's words only as words of the documentation (where they come from), never as the word of an
+instruction, and has never seen a "repeat" answer. The output is a pure function of the seed and the
 Python version's `pydoc_data`.
 
 Why "repeat twice": the answer follows from the input alone (no world knowledge a few-million-parameter model
@@ -68,7 +69,7 @@ def task_row(word: str) -> dict[str, str]:
     The answer starts with a space on purpose. Byte-level BPE gives " stone" (after "twice:") and "stone" (at the
     start of the separately tokenized response) different tokens, so without it the model would have to spell
     words to copy them; with it, repeating is copying tokens, which a tiny model learns in a minute. Exact match
-    and `generate` strip the space.
+    ignores the space; `generate` prints it.
     """
     return {"instruction": f"{INSTRUCTION} {word}", "input": "", "output": f" {word} {word}"}
 

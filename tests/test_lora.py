@@ -28,6 +28,7 @@ from lorafit.lora import (
     unmerge_lora,
     unwrap_lora,
 )
+from lorafit.model import enable_checkpointing
 
 R, ALPHA = 4, 12.0  # alpha != r, so a scale mix-up (alpha/r vs alpha vs 1) shows
 LLAMA_LINEAR = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
@@ -242,7 +243,7 @@ def test_gradient_checkpointing_gives_same_gradients(vocab):
         attach_lora(model, "all-linear", r=R, alpha=ALPHA)
         _randomize_b(model)
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         model.train()
         ids = _ids(vocab)
         model(ids, labels=ids).loss.backward()

@@ -11,6 +11,7 @@ import torch
 from lorafit import data as D
 from lorafit.lora import attach_lora
 from lorafit.loss import chunked_causal_lm_loss
+from lorafit.model import enable_checkpointing
 
 
 def packed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,7 +38,7 @@ def lora_model(tokenizer, gradient_checkpointing: bool = False):
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model
 

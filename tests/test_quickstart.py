@@ -65,7 +65,7 @@ def test_task_data_is_deterministic_and_eval_words_are_unseen():
     eval_words = {r["output"].split()[0] for r in first["eval"]}
     assert len(train_words) == len(first["train"]) and len(eval_words) == len(first["eval"])
     assert not train_words & eval_words
-    assert not set(make.pretraining_words()) & (train_words | eval_words)  # the base model never saw them
+    assert not set(make.pretraining_words()) & (train_words | eval_words)  # never the word of a warm-up task
     assert make.make_task(seed=8)["eval"] != first["eval"]  # the seed matters
 
 
@@ -78,6 +78,7 @@ def test_committed_task_rows_ask_for_the_word_twice(split):
         assert row["instruction"] == f"Repeat the word twice: {word}" and row["output"] == f" {word} {word}"
 
 
+@pytest.mark.slow
 def test_quickstart_run_learns_the_task_on_held_out_words(monkeypatch, tmp_path):
     """The README's quickstart as shipped (about 15 s of training): the adapter answers most held-out words right,
     the base none."""
@@ -93,28 +94,51 @@ def test_quickstart_run_learns_the_task_on_held_out_words(monkeypatch, tmp_path)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     results = evaluate_command(run, console=Console(file=io.StringIO()))
     assert results["adapter"]["tokens"] == results["base"]["tokens"] > 0
-    assert results["adapter"]["loss"] < results["base"]["loss"] - 3  # measured 6.95 -> 0.12
+    assert results["adapter"]["loss"] < results["base"]["loss"] - 3  # measured 5.25 -> 0.11
     generation = results["generation"]
     assert generation["base"]["exact_match"] == 0
     assert generation["adapter"]["exact_match"] >= 0.6  # measured 0.94 on 32 held-out words
 
 
-def test_warm_up_words_never_spell_a_task_word():
+def _warm_up_input(build, prompt: str) -> tuple[str, list[str]]:
+    """(instruction, the words it asks about) of a warm-up prompt, Alpaca or ChatML."""
+    instruction = next(i for i in (*build.WORD_TASKS, *build.PAIR_TASKS) if i in prompt)
+    rest = prompt.split(instruction, 1)[1]
+    return instruction, rest.split("<|im_end|>")[0].split("\n")[0].split()
+
+
+def test_warm_up_tasks_never_ask_about_a_task_word():
     from lorafit.model import load_tokenizer
 
     build = _load_script("build_tiny_model")
-    avoid = build.task_words()
+    tokenizer = load_tokenizer(str(MODEL_DIR))
+    guard = build.TaskWordGuard(tokenizer)
+    assert not guard("display") and not guard("keep")  # task words
+    assert not guard("keeping") and guard("kept")  # "keeping" starts with the token of "keep"
+    blocks = build.ExampleBlocks(tokenizer, block=256, seed=0)
+    drawn = [blocks.example() for _ in range(3000)] + build.instruction_examples(random.Random(0), 3000)
+    pair_tasks = 0
+    for prompt, answer in drawn:
+        instruction, words = _warm_up_input(build, prompt)
+        assert all(w not in guard.words for w in words), (prompt, answer)
+        if instruction in build.PAIR_TASKS:
+            pair_tasks += 1
+            assert len(words) == 2 and words[0] != words[1]  # "flag flag" would be the task's answer
+    assert pair_tasks > 1000
+    pair_rng = random.Random(1)
+    for _ in range(300):  # a two-word pool makes equal pairs likely, unless they are redrawn
+        prompt, _ = build.instruction_example(pair_rng, ["alpha", "beta"], lambda w: True, chat=False)
+        instruction, words = _warm_up_input(build, prompt)
+        assert instruction not in build.PAIR_TASKS or words[0] != words[1]
+    assert all(guard(w) for p, _ in drawn[:3000] for w in _warm_up_input(build, p)[1])  # token level too
     pieces = ["dis", "play", "keep", "ord", "ered"]  # "dis" + "play" and "keep" spell task words
-    assert {"display", "keep"} <= avoid
     rng = random.Random(0)
-    drawn = {build.random_word(rng, ["alpha", "beta"], pieces, avoid) for _ in range(2000)}
-    assert not drawn & avoid
-    assert {"alpha", "beta", "dis", "ord", "disord"} <= drawn  # pool words, pieces and glued pieces all occur
-    vocab_pieces = build.vocabulary_pieces(load_tokenizer(str(MODEL_DIR)), exclude=avoid)
-    assert len(vocab_pieces) > 1000 and not set(vocab_pieces) & avoid
-    assert all(p.isascii() and p.isalpha() and p.islower() for p in vocab_pieces)
+    glued = {build.random_word(rng, ["alpha"], guard, pieces) for _ in range(2000)}
+    assert not glued & guard.words and {"alpha", "dis", "ord", "disord"} <= glued
+    assert len(blocks.pieces) > 1000 and not set(blocks.pieces) & guard.words
 
 
+@pytest.mark.slow
 def test_build_script_makes_a_loadable_tied_model_quickly(tmp_path):
     """A few steps of the real build (the full one takes ~12 minutes): the result loads through lorafit."""
     import subprocess
