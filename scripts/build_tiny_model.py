@@ -143,7 +143,8 @@ def instruction_example(
 class TaskWordGuard:
     """Says whether a warm-up word stays clear of the quickstart task's train and eval words: it is none of them
     and, given the tokenizer, its tokens do not start with one's ("avoided" starts with the token of "avoid").
-    Template words the task also uses ("write", "copy") are not warm-up words, so they never meet this."""
+    Some words of the prompt templates ("Write a response", "Copy the word:") are train words of the task too: they
+    appear in every prompt, but never as the word to copy."""
 
     def __init__(self, tokenizer=None):
         self.words = frozenset(w for split in ("train", "eval") for w in split_words()[split])
