@@ -68,7 +68,7 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
     """
     from safetensors.torch import save_file
 
-    from lorafit.lora import adapter_tensors, lora_layers, lora_state_dict
+    from lorafit.adapters import adapter_tensors, lora_layers, lora_state_dict
 
     wrapped = list(lora_layers(model))
     if not wrapped:
@@ -92,7 +92,7 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
 
 def _all_linear(model) -> list[str]:
     """Names of every linear layer, counting a LoRA wrapper under its own name, in model order."""
-    from lorafit.lora import bare_named_modules, linear_modules, lora_layers
+    from lorafit.adapters import bare_named_modules, linear_modules, lora_layers
 
     names = set(lora_layers(model)) | {n for n, _ in linear_modules(model)}
     return list(dict.fromkeys(n for n, _ in bare_named_modules(model) if n in names))
@@ -203,18 +203,14 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 
 def _group_by_module(tensors: dict) -> dict[str, dict[str, Any]]:
-    """{module name: {"lora_A": t, "lora_B": t, ["lora_magnitude_vector": t]}} from PEFT-named tensors."""
+    """{module name: {"lora_A.weight": t, "lora_B.weight": t, ...}} from PEFT-named tensors."""
+    from lorafit.adapters import group_by_module
     from lorafit.errors import LorafitError
-    from lorafit.lora import split_adapter_key
 
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        try:
-            name, kind = split_adapter_key(key)
-        except LorafitError as e:
-            raise RunDirError(str(e)) from None
-        grouped.setdefault(name, {})[kind] = tensor
-    return grouped
+    try:
+        return group_by_module(tensors)
+    except LorafitError as e:
+        raise RunDirError(str(e)) from None
 
 
 def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None) -> AdapterSettings:
@@ -235,7 +231,8 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
         RunDirError: missing or malformed files, or modules the model does not have.
         LorafitError: tensor shapes that do not fit the model.
     """
-    from lorafit.lora import load_lora_state_dict, lora_layers, wrap_module
+    from lorafit.adapters import load_lora_state_dict, lora_layers, wrap_module
+    from lorafit.errors import LorafitError
 
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
@@ -255,13 +252,16 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
     for p in model.parameters():
         p.requires_grad_(False)  # as attach_lora: only the adapter trains
     for name, parts in grouped.items():
-        if "lora_A" not in parts:
+        if "lora_A.weight" not in parts:
             raise RunDirError(f"{adapter_dir}: no lora_A tensor for {name}")
-        r = int(parts["lora_A"].shape[0])  # (r, in): rank_pattern needs no lookup
+        r = int(parts["lora_A.weight"].shape[0])  # (r, in): rank_pattern needs no lookup
         alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
         dora = "lora_magnitude_vector" in parts
         wrap_module(model, name, r=r, alpha=alpha, dropout=drop, rslora=rslora, dora=dora)
-    load_lora_state_dict(model, {f"{n}.{k}": t for n, parts in grouped.items() for k, t in parts.items()})
+    try:
+        load_lora_state_dict(model, {f"{n}.{k}": t for n, parts in grouped.items() for k, t in parts.items()})
+    except LorafitError as e:
+        raise RunDirError(f"{adapter_dir}: {e}") from None
     return AdapterSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=drop, rslora=rslora,
                            dora=bool(config.get("use_dora", False)),
                            base_model_name_or_path=config.get("base_model_name_or_path"),

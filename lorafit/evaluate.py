@@ -88,7 +88,7 @@ class _SingleProcess:
 def adapter_disabled(model):
     """The base model for the duration of the block: each LoRA wrapper is swapped for the layer it wraps (shared
     weights, nothing copied) and put back afterwards, so base and adapter are measured on one loaded model."""
-    from lorafit.lora import lora_layers
+    from lorafit.adapters import lora_layers
 
     layers = lora_layers(model)
     for name, layer in layers.items():

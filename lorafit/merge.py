@@ -132,7 +132,7 @@ def quantized_layer_names(source: Source, samples: list[torch.Tensor]) -> tuple[
     weights the adapter saw quantized.
     """
     from lorafit.checkpoint import load_adapter
-    from lorafit.lora import is_quantized
+    from lorafit.adapters import is_quantized
     from lorafit.model import load_model
 
     model = load_model(source.model)
@@ -156,7 +156,7 @@ def apply_quantization_roundtrip(model, names: list[str], quant, weight_dtype: t
         quant: the run's QuantizationConfig (bits, type, double_quant).
         weight_dtype: the dtype the base was loaded in before quantizing (model.dtype of the run).
     """
-    from lorafit.lora import quantize_roundtrip
+    from lorafit.adapters import quantize_roundtrip
 
     for name in names:
         weight = model.get_submodule(name).weight
@@ -177,7 +177,7 @@ def load_full_precision_base(source: Source, quantized_names: list[str]):
 
 def fold_adapter(model) -> int:
     """Merge every LoRA layer into its base weight and put the plain layers back. Returns the layer count."""
-    from lorafit.lora import lora_layers, unwrap_lora
+    from lorafit.adapters import lora_layers, unwrap_lora
 
     count = len(lora_layers(model))
     unwrap_lora(model, merge=True)

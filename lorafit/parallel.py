@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError, RunDirError
-from lorafit.lora import bare_name
+from lorafit.adapters import bare_name
 
 # Accelerate writes the strategy by name (or, in old configs, by FSDP's enum number).
 SHARDING_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD"}
@@ -172,7 +172,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP or FSDP root wrapper. FSDP's inner units stay; `lora.bare_name` drops their
+    """The model inside a DDP or FSDP root wrapper. FSDP's inner units stay; `adapters.bare_name` drops their
     segments from names."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
@@ -180,7 +180,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ state
-# Whole tensors under the bare model's names (`lora.bare_name`), on every launch, so checkpoints are the same files.
+# Whole tensors under the bare model's names (`adapters.bare_name`), on every launch, so checkpoints are the same files.
 
 
 def _state_options(device: torch.device, **more: Any):

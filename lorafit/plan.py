@@ -93,7 +93,7 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorafit.lora import find_targets, lora_param_count
+    from lorafit.adapters import find_targets, lora_param_count
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)

@@ -71,7 +71,7 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None):
     Returns:
         (model, tokenizer, wrapped module names, parameter report taken before sharding).
     """
-    from lorafit.lora import attach_lora, param_report
+    from lorafit.adapters import attach_lora, param_report
     from lorafit.model import load_model, load_tokenizer, prepare_for_kbit_training
 
     tokenizer = load_tokenizer(cfg.model)
@@ -111,7 +111,7 @@ def _checkpointing(cfg: Config, accelerator, sharding: parallel.Sharding | None)
 
 
 def _build_optimizer(cfg: Config, model):
-    from lorafit.lora import param_groups
+    from lorafit.adapters import param_groups
 
     t = cfg.train
     groups = param_groups(model, lr=t.lr, weight_decay=t.weight_decay, lora_plus_ratio=t.lora_plus_ratio)

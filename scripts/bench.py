@@ -428,7 +428,7 @@ def role_loss_ablation(work: Path, steps: int) -> None:
     from transformers import AutoModelForCausalLM
 
     from lorafit import data, loss
-    from lorafit.lora import attach_lora
+    from lorafit.adapters import attach_lora
 
     rows, _, cfg = tokenized_rows(work / "lorafit.yaml", packing=True)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)

@@ -11,7 +11,7 @@ import yaml
 
 from lorafit.checkpoint import save_adapter
 from lorafit.config import load_config
-from lorafit.lora import attach_lora, lora_layers
+from lorafit.adapters import attach_lora, lora_layers
 
 R, ALPHA = 4, 12.0  # alpha != r, so a merge that forgot the scale would show
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lorafit.checkpoint import load_adapter, read_adapter_config, save_adapter
 from lorafit.errors import LorafitError, RunDirError
-from lorafit.lora import attach_lora, lora_layers
+from lorafit.adapters import attach_lora, lora_layers
 
 R, ALPHA = 4, 12.0
 

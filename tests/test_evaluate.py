@@ -35,7 +35,7 @@ def _train_adapter_briefly(run_dir, model_dir, tokenizer, fmt="alpaca", steps=25
     from transformers import AutoModelForCausalLM
 
     from lorafit.data import build_datasets, causal_lm_loss, collate
-    from lorafit.lora import attach_lora
+    from lorafit.adapters import attach_lora
 
     cfg = config_dict(run_dir, model_dir, fmt=fmt)
     config = load_config(write_config(run_dir, cfg)).config
@@ -121,7 +121,7 @@ def test_adapter_disabled_gives_base_logits_and_restores_the_adapter(tiny_model,
     from conftest import build_tiny_llama
     from rundirs import randomize_adapter
 
-    from lorafit.lora import attach_lora, lora_layers
+    from lorafit.adapters import attach_lora, lora_layers
 
     attach_lora(tiny_model, "all-linear", r=R, alpha=ALPHA)
     randomize_adapter(tiny_model)

@@ -12,7 +12,7 @@ from conftest import build_tiny_llama
 from torch import nn
 
 from lorafit.errors import LorafitError, TargetNotFoundError
-from lorafit.lora import (
+from lorafit.adapters import (
     LoraLinear,
     attach_lora,
     delta_weight,
@@ -297,7 +297,7 @@ def test_find_targets_on_meta_device_model(vocab):
 def test_attach_twice_is_refused(vocab):
     model = build_tiny_llama(vocab)
     attach_lora(model, ["q_proj"], r=R, alpha=ALPHA)
-    with pytest.raises(LorafitError, match="already has LoRA"):
+    with pytest.raises(LorafitError, match="already has adapter layers"):
         attach_lora(model, ["v_proj"], r=R, alpha=ALPHA)
 
 
@@ -308,10 +308,10 @@ def test_lora_plus_groups_carry_the_right_learning_rates(vocab):
     model = build_tiny_llama(vocab)
     attach_lora(model, ["q_proj", "v_proj"], r=R, alpha=ALPHA, dora=True)
     groups = {g["name"]: g for g in param_groups(model, lr=2e-4, weight_decay=0.1, lora_plus_ratio=16)}
-    assert set(groups) == {"lora_A", "lora_B", "lora_magnitude"}
+    assert set(groups) == {"lora_A", "lora_B", "no_decay"}
     assert groups["lora_A"]["lr"] == 2e-4 and groups["lora_A"]["weight_decay"] == 0.1
     assert groups["lora_B"]["lr"] == pytest.approx(16 * 2e-4) and groups["lora_B"]["weight_decay"] == 0.1
-    assert groups["lora_magnitude"]["lr"] == 2e-4 and groups["lora_magnitude"]["weight_decay"] == 0.0
+    assert groups["no_decay"]["lr"] == 2e-4 and groups["no_decay"]["weight_decay"] == 0.0
     layers = lora_layers(model).values()
     assert {id(p) for p in groups["lora_B"]["params"]} == {id(m.lora_B.weight) for m in layers}
     assert sum(len(g["params"]) for g in groups.values()) == 3 * 4

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorafit import data as D
-from lorafit.lora import attach_lora
+from lorafit.adapters import attach_lora
 from lorafit.loss import chunked_causal_lm_loss
 from lorafit.model import enable_checkpointing
 

@@ -84,7 +84,7 @@ def test_saved_model_is_plain_hf_with_tokenizer_template_and_shards(tmp_path, ti
 @pytest.mark.parametrize("quant,naive_gap", [(QLORA, 3e-2), (INT8, 2e-3)])  # measured: 1.2e-1, 8.6e-3
 def test_qlora_merge_equals_adapter_on_dequantized_base_not_on_original(tmp_path, tiny_model_dir, tiny_tokenizer,
                                                                         ids, quant, naive_gap):
-    from lorafit.lora import dequantized_weight, is_quantized
+    from lorafit.adapters import dequantized_weight, is_quantized
     from lorafit.model import load_model
 
     run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, quantization=quant)
@@ -141,7 +141,7 @@ def test_zero_adapter_warns_and_merges_to_the_base(tmp_path, tiny_model_dir, tin
 def test_failed_verification_exits_1_and_leaves_nothing(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch,
                                                          capsys, broken):
     import lorafit.merge as merge_module
-    from lorafit.lora import lora_layers, unwrap_lora
+    from lorafit.adapters import lora_layers, unwrap_lora
 
     def fold_without_merging(model):  # a merge that drops the adapter: the float32 check must catch it
         count = len(lora_layers(model))
@@ -226,7 +226,7 @@ def test_sample_inputs_are_token_ids_of_fixed_texts(tiny_tokenizer):
 
 
 def test_randomized_adapter_differs_from_zero(tiny_model):  # guards the fixtures the tests above rely on
-    from lorafit.lora import attach_lora, lora_layers
+    from lorafit.adapters import attach_lora, lora_layers
 
     attach_lora(tiny_model, "all-linear", r=R, alpha=ALPHA)
     randomize_adapter(tiny_model)

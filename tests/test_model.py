@@ -8,7 +8,7 @@ import torch
 
 from lorafit.config import ModelConfig
 from lorafit.errors import ModelLoadError
-from lorafit.lora import attach_lora, lora_layers
+from lorafit.adapters import attach_lora, lora_layers
 from lorafit.model import (
     ADDED_PAD_TOKEN,
     ensure_pad_token,

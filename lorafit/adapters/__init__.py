@@ -1,0 +1,49 @@
+"""Adapter layers: LoRA and its family, wrapped around a frozen base model's linear layers.
+
+    base.py      the shared layer (frozen base, dequantized weight, merge contract) and quantized-weight helpers
+    targets.py   which modules `adapter.targets` / `adapter.exclude` select
+    lora.py      LoRA, rsLoRA and DoRA
+    init.py      how A and B start (`adapter.init`)
+    registry.py  `adapter.method` -> layer class
+    wrap.py      whole-model operations: attach, unwrap, merge, PEFT-named tensors, optimizer groups
+
+Everything public is importable from `lorafit.adapters`.
+"""
+
+from lorafit.adapters.base import (
+    PEFT_PREFIX,
+    AdapterLayer,
+    dequantized_weight,
+    is_quantized,
+    logical_numel,
+    quantize_roundtrip,
+)
+from lorafit.adapters.lora import LoraLinear, delta_weight, dora_factor, lora_param_count, lora_scale, row_norm
+from lorafit.adapters.registry import METHODS, Method
+from lorafit.adapters.targets import bare_name, bare_named_modules, find_targets, linear_modules, module_kinds
+from lorafit.adapters.wrap import (
+    ParamReport,
+    adapter_tensors,
+    attach_adapter,
+    attach_lora,
+    group_by_module,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    param_groups,
+    param_report,
+    split_adapter_key,
+    unmerge_lora,
+    unwrap_lora,
+    wrap_module,
+)
+
+__all__ = [
+    "METHODS", "PEFT_PREFIX", "AdapterLayer", "LoraLinear", "Method", "ParamReport", "adapter_tensors",
+    "attach_adapter", "attach_lora", "bare_name", "bare_named_modules", "delta_weight", "dequantized_weight",
+    "dora_factor", "find_targets", "group_by_module", "is_quantized", "linear_modules", "load_lora_state_dict",
+    "logical_numel", "lora_layers", "lora_param_count", "lora_scale", "lora_state_dict", "merge_lora",
+    "module_kinds", "param_groups", "param_report", "quantize_roundtrip", "row_norm", "split_adapter_key",
+    "unmerge_lora", "unwrap_lora", "wrap_module",
+]
