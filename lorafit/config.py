@@ -66,13 +66,40 @@ class ModelConfig(_Section):
     path: Text = Field(min_length=1)  # hub id or local directory
     revision: Text | None = None
     dtype: Dtype = "bfloat16"
-    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"  # auto: the best the model and machine run
     trust_remote_code: bool = False
     quantization: QuantizationConfig | None = None  # null: full-precision base (LoRA); set: QLoRA
 
 
+class VeraConfig(_Section):
+    """adapter.method vera: frozen random projections shared by all layers, trainable scaling vectors per layer."""
+
+    projection_seed: int = 0  # the shared projections are regenerated from this seed (PEFT's projection_prng_key)
+    d_initial: Float = Field(0.1, gt=0)  # initial value of the scaling vector d (b starts at 0)
+
+
+class AdaloraConfig(_Section):
+    """adapter.method adalora: SVD-form updates whose ranks are pruned from init_r to an average of adapter.r."""
+
+    init_r: Int = Field(12, ge=1)  # every layer's starting rank
+    tinit: Float = Field(0.1, ge=0, lt=1)  # fraction of the run's steps before pruning starts
+    tfinal: Float = Field(0.2, ge=0, lt=1)  # fraction of the run's steps at the end with the final ranks fixed
+    delta_t: Float = Field(0.01, gt=0, lt=1)  # fraction of the run's steps between two rank updates
+    beta1: Float = Field(0.85, ge=0, lt=1)  # EMA of the sensitivity
+    beta2: Float = Field(0.85, ge=0, lt=1)  # EMA of its uncertainty
+    orth_reg_weight: Float = Field(0.5, ge=0)  # weight of the orthogonality regulariser in the loss
+
+
+ADAPTER_METHODS = ("lora", "dora", "lora_fa", "vera", "adalora")
+ADAPTER_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+
+
 class AdapterConfig(_Section):
-    method: Literal["lora", "dora"] = "lora"
+    method: Literal[ADAPTER_METHODS] = "lora"
+    init: Literal[ADAPTER_INITS] = "default"  # pissa/olora: from the weight's SVD/QR; loftq: quantized bases only
+    init_iters: Int = Field(1, ge=1)  # loftq: alternating quantize / SVD steps
+    vera: VeraConfig | None = None  # method vera only; null: the defaults
+    adalora: AdaloraConfig | None = None  # method adalora only; null: the defaults
     r: Int = Field(16, ge=1)
     alpha: Float = Field(32, gt=0)  # usually 2 × r
     dropout: Float = Field(0.05, ge=0, lt=1)
@@ -106,6 +133,11 @@ class DataSource(_Section):
     format: Literal["alpaca", "chat", "completion", "text"]
     split: Text = "train"  # hub datasets
     columns: dict[str, str] = {}  # renames: {expected_name: name_in_the_data}
+    name: Text | None = None  # hub datasets: the config name (load_dataset(path, name))
+    data_files: str | list[str] | None = None  # hub datasets: only these files of the repository
+    samples: Float | None = Field(None, gt=0)  # mixing: take N rows (or, below 1, this fraction) of the source
+    fraction: Float | None = Field(None, gt=0)  # mixing: take this fraction of the source (above 1 needs replace)
+    replace: bool = False  # mixing: draw with replacement, so samples may exceed the source's rows
 
 
 class DataConfig(_Section):
@@ -117,6 +149,8 @@ class DataConfig(_Section):
     train_on_prompt: bool = False  # false: loss only on responses / assistant turns (and their EOS)
     chat_template: str | None = None  # overrides the tokenizer's template for format: chat
     prompt_template: str | None = None  # alpaca: overrides the default template ({instruction}, {input})
+    num_proc: Int | None = Field(None, ge=1)  # tokenization processes; null: the machine's cores for large sources
+    streaming: bool = False  # format text: tokenize and pack on the fly (corpora larger than RAM)
 
 
 class TrainConfig(_Section):
@@ -438,7 +472,10 @@ def _describe_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":
-        return f"must be one of {ctx.get('expected', '')} (got {got!r})"
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        close = _suggest(got, options) if isinstance(got, str) else ""
+        hint = f"; did you mean {close!r}?" if close else ""
+        return f"must be one of {ctx.get('expected', '')} (got {got!r}{hint})"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{err['msg'].lower()} (got {got!r})"
     if kind == "too_short" and isinstance(got, list):
@@ -482,6 +519,55 @@ def _file_of(origins: dict[str, str], dotted: str) -> str:
     return origins.get(dotted, "").rsplit(":", 1)[0]
 
 
+def _data_problems(cfg: Config) -> list[str]:
+    """Mixing and streaming keys that only make sense together."""
+    d, problems = cfg.data, []
+    for part in ("train", "eval"):
+        for i, s in enumerate(getattr(d, part)):
+            key = f"data.{part}.{i}"
+            if s.samples is not None and s.fraction is not None:
+                problems.append(f"{key}.fraction: set both samples and fraction; use one or the other")
+            if s.samples is not None and s.samples >= 1 and s.samples != int(s.samples):
+                problems.append(f"{key}.samples: {s.samples} is >= 1, so it counts rows and must be a whole number "
+                                "(for a fraction of the source use a value below 1, or fraction:)")
+            if s.fraction is not None and s.fraction > 1 and not s.replace:
+                problems.append(f"{key}.fraction: {s.fraction} is more than the whole source; set replace: true to "
+                                "draw rows more than once, or use a fraction up to 1")
+    if d.streaming:
+        bad = [f"data.train.{i}.format: {s.format}" for i, s in enumerate(d.train) if s.format != "text"]
+        problems += [f"{b} cannot stream; data.streaming takes format text only" for b in bad]
+        if d.eval_fraction > 0:
+            problems.append("data.eval_fraction: a stream cannot hold rows out; with data.streaming give the eval rows "
+                            "as their own file under data.eval")
+        if cfg.train.max_steps is None:
+            problems.append("train.max_steps: data.streaming needs it (a stream's length is not known in advance)")
+        mixed = [f"data.train.{i}" for i, s in enumerate(d.train) if s.samples is not None or s.fraction is not None]
+        problems += [f"{m}.samples: cannot sample a stream; remove samples/fraction or data.streaming" for m in mixed]
+    return problems
+
+
+def _adapter_problems(cfg: Config) -> list[str]:
+    """A method's section under another method, and inits that need what the run does not have."""
+    a, q, problems = cfg.adapter, cfg.model.quantization, []
+    for section in ("vera", "adalora"):
+        if getattr(a, section) is not None and a.method != section:
+            problems.append(f"adapter.{section}: settings for method {section}, but adapter.method is {a.method}; "
+                            f"remove the section or set adapter.method: {section}")
+    if a.init == "loftq" and q is None:
+        problems.append("adapter.init: loftq prepares an adapter for a quantized base, and model.quantization is not "
+                        "set; use init pissa / olora on a full-precision base, or set model.quantization.bits")
+    if a.init != "loftq" and "init_iters" in a.model_fields_set:
+        problems.append(f"adapter.init_iters: applies to init loftq only (init is {a.init})")
+    ada = a.adalora or AdaloraConfig()
+    if a.method == "adalora" and ada.init_r < a.r:
+        problems.append(f"adapter.adalora.init_r: {ada.init_r} is below adapter.r ({a.r}), the average rank AdaLoRA "
+                        f"prunes down to; set adapter.adalora.init_r >= r (e.g. 1.5 × r) or lower adapter.r")
+    if a.method == "adalora" and ada.tinit + ada.tfinal >= 1:
+        problems.append(f"adapter.adalora.tfinal: tinit + tfinal = {ada.tinit + ada.tfinal:g} leaves no steps for "
+                        f"pruning; keep their sum below 1")
+    return problems
+
+
 def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[str], list[str]]:
     """Checks that span keys. Returns (problems, warnings) as 'dotted.key: message' lines."""
     problems: list[str] = []
@@ -516,6 +602,8 @@ def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[st
         warnings.append("train.optimizer: paged_adamw_8bit mainly helps QLoRA; adamw_8bit pages nothing and is as small")
     if cfg.adapter.method == "dora" and q is not None and q.bits == 8:
         warnings.append("adapter.method: DoRA on an 8-bit base dequantizes the weight every step (slow)")
+    problems += _data_problems(cfg)
+    problems += _adapter_problems(cfg)
     if cfg.data.chat_template is not None and not any(s.format == "chat" for s in cfg.data.train + cfg.data.eval):
         warnings.append("data.chat_template: set, but no data source has format: chat")
     if cfg.data.prompt_template is not None and not any(s.format == "alpaca" for s in cfg.data.train + cfg.data.eval):

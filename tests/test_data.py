@@ -435,4 +435,4 @@ def test_progress_bar_path_and_string_cache_dir(tmp_path, tiny_tokenizer, monkey
     monkeypatch.setattr(cache_module, "_PROGRESS_ABOVE", 1)  # show the bar even for this small set
     cfg = cfg_for(write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b c"}]), "text")
     train, _, audit = D.build_datasets(cfg, tiny_tokenizer, seed=0, cache_dir=str(tmp_path / "c"))
-    assert audit.examples == 2 and list((tmp_path / "c" / "data").glob("*.npz"))
+    assert audit.examples == 2 and list((tmp_path / "c" / "data").glob("*/meta.json"))

@@ -36,6 +36,7 @@ The training loop uses four names::
 
 from lorafit.data.build import (
     DataAudit,
+    MixPart,
     Prepared,
     build_datasets,
     check_audit,
@@ -43,7 +44,7 @@ from lorafit.data.build import (
     prepare_examples,
     split_eval,
 )
-from lorafit.data.cache import cache_key, default_cache_dir, load_source, tokenizer_fingerprint
+from lorafit.data.cache import cache_key, default_cache_dir, load_source, machine_lock, store_path, tokenizer_fingerprint
 from lorafit.data.formats import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -51,6 +52,7 @@ from lorafit.data.formats import (
     Example,
     SourceStats,
     alpaca_prompt,
+    batch_example_tokens,
     chat_tokens,
     end_token_ids,
     example_tokens,
@@ -60,15 +62,26 @@ from lorafit.data.formats import (
     tokenize_rows,
     truncate,
 )
-from lorafit.data.packing import Row, causal_lm_loss, collate, make_row, make_rows, pack
+from lorafit.data.packing import Row, Rows, causal_lm_loss, collate, make_row, make_rows, pack
 from lorafit.data.report import length_histogram, print_data_report, render_example
-from lorafit.data.sources import REQUIRED_COLUMNS, ROLES, SUFFIXES, check_row, count_rows, read_source
+from lorafit.data.sources import (
+    REQUIRED_COLUMNS,
+    ROLES,
+    SHAREGPT_ROLES,
+    SUFFIXES,
+    check_row,
+    count_rows,
+    iter_source,
+    read_source,
+)
+from lorafit.data.store import ExampleSet, TokenStore
 
 __all__ = [
-    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "IGNORE_INDEX", "REQUIRED_COLUMNS", "ROLES", "SUFFIXES", "DataAudit",
-    "Example", "Prepared", "Row", "SourceStats", "alpaca_prompt", "build_datasets", "cache_key", "causal_lm_loss",
-    "chat_tokens", "check_audit", "check_row", "collate", "count_rows", "default_cache_dir", "end_token_ids",
-    "example_tokens", "labels_from_spans", "length_histogram", "load_source", "make_audit", "make_row", "make_rows",
-    "pack", "prepare_examples", "print_data_report", "prompt_response_tokens", "read_source", "render_example",
-    "split_eval", "text_tokens", "tokenize_rows", "tokenizer_fingerprint", "truncate",
+    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "IGNORE_INDEX", "REQUIRED_COLUMNS", "ROLES", "SHAREGPT_ROLES", "SUFFIXES",
+    "DataAudit", "Example", "ExampleSet", "MixPart", "Prepared", "Row", "Rows", "SourceStats", "TokenStore",
+    "alpaca_prompt", "batch_example_tokens", "build_datasets", "cache_key", "causal_lm_loss", "chat_tokens",
+    "check_audit", "check_row", "collate", "count_rows", "default_cache_dir", "end_token_ids", "example_tokens",
+    "iter_source", "labels_from_spans", "length_histogram", "load_source", "machine_lock", "make_audit", "make_row",
+    "make_rows", "pack", "prepare_examples", "print_data_report", "prompt_response_tokens", "read_source",
+    "render_example", "split_eval", "store_path", "text_tokens", "tokenize_rows", "tokenizer_fingerprint", "truncate",
 ]

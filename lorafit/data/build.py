@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from lorafit.data.cache import load_source, tokenizer_fingerprint
-from lorafit.data.formats import IGNORE_INDEX, Example, SourceStats, end_token_ids
-from lorafit.data.packing import Row, make_rows
+from lorafit.data.formats import SourceStats, end_token_ids
+from lorafit.data.packing import Rows, make_rows
+from lorafit.data.store import ExampleSet
 from lorafit.errors import DataError
 
 if TYPE_CHECKING:
@@ -34,6 +38,9 @@ class DataAudit:
     slots: int  # packed_rows × max_length: the token slots the rows occupy
     max_length: int
     warnings: list[str] = field(default_factory=list)
+    mixture: list[MixPart] = field(default_factory=list)  # per train source: what it gives the training set
+    store_bytes: int = 0  # size on disk of the token stores read
+    seconds: float = 0.0  # time to read (or tokenize) the sources
 
     @property
     def supervised_fraction(self) -> float:
@@ -53,14 +60,28 @@ class DataAudit:
 
 
 @dataclass
+class MixPart:
+    """One train source's share of the training set, after the eval split and `samples` / `fraction`."""
+
+    path: str
+    available: int  # examples of the source left for training
+    drawn: int  # examples in the training set (more than available when drawn with replacement)
+    tokens: int
+    share: float = 0.0  # of the training set's tokens
+
+
+@dataclass
 class Prepared:
     """Examples before packing, with what the audit needs."""
 
-    train: list[Example]
-    eval: list[Example]
+    train: ExampleSet
+    eval: ExampleSet
     stats: list[SourceStats]  # per train source
     formats: list[str]  # per train source
     end_ids: list[set[int]]  # per train source: the ids that teach the model to stop
+    mixture: list[MixPart] = field(default_factory=list)
+    store_bytes: int = 0
+    seconds: float = 0.0
 
 
 def held_out_count(n_rows: int, fraction: float) -> int:
@@ -79,47 +100,105 @@ def split_eval(n_rows: int, fraction: float, seed: int) -> set[int]:
 
 def _load_all(sources: list[DataSource], tokenizer, data_cfg: DataConfig, cache_dir: Path | None):
     fp = tokenizer_fingerprint(tokenizer)
-    loaded = [load_source(s, tokenizer, data_cfg, i, cache_dir, fp) for i, s in enumerate(sources)]
-    return [e for examples, _ in loaded for e in examples], [stats for _, stats in loaded]
+    loaded = [load_source(s, tokenizer, data_cfg, i, cache_dir, fp, len(sources)) for i, s in enumerate(sources)]
+    return ExampleSet.concat([examples for examples, _ in loaded]), [stats for _, stats in loaded]
+
+
+def sample_count(source: DataSource, available: int, key: str) -> int | None:
+    """How many examples `samples` / `fraction` take of a source with `available` examples; None: all of them.
+
+    Raises:
+        DataError: more than the source holds without `replace: true`.
+    """
+    if source.samples is None and source.fraction is None:
+        return None
+    if source.fraction is not None or source.samples < 1:
+        fraction = source.fraction if source.fraction is not None else source.samples
+        n = max(1, round(fraction * available))
+    else:
+        n = int(source.samples)
+    if n > available and not source.replace:
+        raise DataError(f"{key}.samples: {n} is more than the {available} examples {source.path} has for training; "
+                        "lower it, or set replace: true to draw examples more than once")
+    return n
+
+
+def draw(available: int, n: int, replace: bool, seed: int) -> np.ndarray:
+    """A seeded draw of `n` of `available` indices, in data order: without replacement, or (past `available`) every
+    index as many whole times as fit, then a draw without replacement for the rest."""
+    rng = np.random.default_rng(seed)
+    whole, rest = divmod(n, available) if replace else (0, n)
+    picked = np.concatenate([np.tile(np.arange(available), whole), rng.choice(available, rest, replace=False)])
+    return np.sort(picked, kind="stable")
+
+
+def _mix(train: ExampleSet, sources: list[DataSource], seed: int) -> tuple[ExampleSet, list[MixPart]]:
+    """Apply each source's `samples` / `fraction`, keeping source order; report each source's share."""
+    parts, mixture = [], []
+    for i, s in enumerate(sources):
+        mine = np.flatnonzero(train.src == i)
+        n = sample_count(s, len(mine), f"data.train.{i}")
+        if n is not None:
+            mine = mine[draw(len(mine), n, s.replace, seed * 1_000_003 + i)]
+        part = train[mine]
+        parts.append(part)
+        mixture.append(MixPart(s.path, int((train.src == i).sum()), len(part), int(part.lengths().sum())))
+    mixed = ExampleSet.concat(parts) if parts else train
+    total = sum(m.tokens for m in mixture)
+    for m in mixture:
+        m.share = m.tokens / total if total else 0.0
+    return mixed, mixture
+
+
+def _split_held_out(train: ExampleSet, stats: list[SourceStats], fraction: float, seed: int):
+    """(train, eval) after holding out `fraction` of all train rows (see `split_eval`)."""
+    offsets = np.cumsum([0] + [s.rows for s in stats])
+    n_rows = int(offsets[-1])
+    held = split_eval(n_rows, fraction, seed)
+    if len(held) >= n_rows:
+        raise DataError(f"data.eval_fraction: {fraction} of {n_rows} rows leaves no training row")
+    mask = np.zeros(n_rows, bool)
+    mask[list(held)] = True
+    is_held = mask[offsets[train.src] + train.per_example("rows")]
+    return train[~is_held], train[is_held]
 
 
 def prepare_examples(data_cfg: DataConfig, tokenizer, *, seed: int, cache_dir: Path | None = None) -> Prepared:
     """Tokenized train and eval examples (no packing, no refusal): what `build_datasets` and the report share."""
+    started = time.perf_counter()
     train, stats = _load_all(data_cfg.train, tokenizer, data_cfg, cache_dir)
-    eval_examples: list[Example] = []
+    eval_examples = ExampleSet([], np.zeros(0), np.zeros(0))
     if data_cfg.eval:
         eval_examples, _ = _load_all(data_cfg.eval, tokenizer, data_cfg, cache_dir)
     elif data_cfg.eval_fraction > 0:
-        offsets = [sum(s.rows for s in stats[:i]) for i in range(len(stats))]
-        n_rows = sum(s.rows for s in stats)
-        held = split_eval(n_rows, data_cfg.eval_fraction, seed)
-        if len(held) >= n_rows:
-            raise DataError(f"data.eval_fraction: {data_cfg.eval_fraction} of {n_rows} rows leaves no training row")
-        eval_examples = [e for e in train if offsets[e.source] + e.row in held]
-        train = [e for e in train if offsets[e.source] + e.row not in held]
+        train, eval_examples = _split_held_out(train, stats, data_cfg.eval_fraction, seed)
+    train, mixture = _mix(train, data_cfg.train, seed)
     formats = [s.format for s in data_cfg.train]
     end_ids = [end_token_ids(tokenizer, data_cfg.chat_template, chat=f == "chat") for f in formats]
-    return Prepared(train, eval_examples, stats, formats, end_ids)
+    stores = {id(s): s for s in train.stores + eval_examples.stores if s is not None}
+    return Prepared(train, eval_examples, stats, formats, end_ids, mixture,
+                    sum(s.size_on_disk() for s in stores.values()), time.perf_counter() - started)
 
 
-def make_audit(prepared: Prepared, rows: list[Row], max_length: int) -> DataAudit:
-    """Count tokens, trained tokens, truncation, drops and trained end tokens of the training set."""
-    end_checked = end_trained = 0
-    for e in prepared.train:
-        if prepared.formats[e.source] == "text":
-            continue
-        end_checked += 1
-        stop = prepared.end_ids[e.source]
-        end_trained += any(lab in stop for lab in e.labels)
+def make_audit(prepared: Prepared, rows: Rows, max_length: int) -> DataAudit:
+    """Count tokens, trained tokens, truncation, drops and trained end tokens of the training set.
+
+    Reads only per-example counts of the token stores (trained tokens, whether an end token is trained).
+    """
+    train = prepared.train
+    supervised_format = np.array([f != "text" for f in prepared.formats], bool)
+    checked = supervised_format[train.src] if len(train) else np.zeros(0, bool)
+    end_checked = int(checked.sum())
+    end_trained = int((train.per_example("ends").astype(bool) & checked).sum())
     s = prepared.stats
     return DataAudit(
-        rows=sum(x.rows for x in s), examples=len(prepared.train), eval_examples=len(prepared.eval),
-        tokens=sum(len(e.input_ids) for e in prepared.train),
-        supervised=sum(lab != IGNORE_INDEX for e in prepared.train for lab in e.labels),
+        rows=sum(x.rows for x in s), examples=len(train), eval_examples=len(prepared.eval),
+        tokens=int(train.lengths().sum()), supervised=int(train.per_example("supervised").sum()),
         truncated=sum(x.truncated for x in s), dropped_truncated=sum(x.dropped_truncated for x in s),
         dropped_unsupervised=sum(x.dropped_unsupervised for x in s), end_checked=end_checked,
         end_trained=end_trained, packed_rows=len(rows), slots=len(rows) * max_length, max_length=max_length,
-        warnings=_audit_warnings(end_checked, end_trained, s, max_length))
+        warnings=_audit_warnings(end_checked, end_trained, s, max_length), mixture=prepared.mixture,
+        store_bytes=prepared.store_bytes, seconds=prepared.seconds)
 
 
 def _audit_warnings(end_checked: int, end_trained: int, stats: list[SourceStats], max_length: int) -> list[str]:
@@ -157,7 +236,7 @@ def check_audit(audit: DataAudit, max_length: int) -> None:
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, *, seed: int,
-                   cache_dir: Path | None = None) -> tuple[list[Row], list[Row], DataAudit]:
+                   cache_dir: Path | None = None) -> tuple[Rows, Rows, DataAudit]:
     """Train and eval rows ready for `collate`, and the label audit of the training set.
 
     Args:
@@ -167,7 +246,8 @@ def build_datasets(data_cfg: DataConfig, tokenizer, *, seed: int,
         cache_dir: where tokenized sources are cached; default `$LORAFIT_CACHE` or ~/.cache/lorafit.
 
     Returns:
-        (train rows, eval rows (empty without eval data), audit).
+        (train rows, eval rows (empty without eval data), audit). Rows are list-like views over memory-mapped
+        token stores: `len`, indexing (a `Row`), slicing.
 
     Raises:
         DataError: bad sources or rows, or data that fails the audit (see `check_audit`).
@@ -176,8 +256,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer, *, seed: int,
     train = make_rows(prepared.train, data_cfg.max_length, data_cfg.packing)
     audit = make_audit(prepared, train, data_cfg.max_length)
     check_audit(audit, data_cfg.max_length)
-    if (data_cfg.eval or data_cfg.eval_fraction > 0) and not any(
-            lab != IGNORE_INDEX for e in prepared.eval for lab in e.labels):
+    if (data_cfg.eval or data_cfg.eval_fraction > 0) and not prepared.eval.per_example("supervised").any():
         raise DataError("the eval data has no trained token (every eval row was dropped or is empty); check data.eval "
                         "or raise data.eval_fraction")
     return train, make_rows(prepared.eval, data_cfg.max_length, data_cfg.packing), audit

@@ -109,17 +109,49 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _render(tokenizer, messages: list[dict[str, str]], template: str | None, generation_prompt: bool) -> list[int]:
+def _render_text(tokenizer, messages: list[dict], template: str | None, generation_prompt: bool,
+                 tools: list[dict] | None = None) -> str:
     if not messages:
-        return []
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+        return ""
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt,
                                          chat_template=template)
+
+
+def _render(tokenizer, messages: list[dict], template: str | None, generation_prompt: bool,
+            tools: list[dict] | None = None) -> list[int]:
+    text = _render_text(tokenizer, messages, template, generation_prompt, tools)
     # Chat templates write their own special tokens (BOS included), so the tokenizer must not add any.
-    return _encode(tokenizer, text, special=False)
+    return _encode(tokenizer, text, special=False) if text else []
+
+
+def chat_texts(tokenizer, messages: list[dict], template: str | None, train_on_prompt: bool,
+               tools: list[dict] | None = None) -> list[str]:
+    """What `chat_tokens` tokenizes: the whole conversation, then per assistant turn i the renderings of
+    `messages[:i]` + generation prompt and of `messages[:i+1]` (none with `train_on_prompt`)."""
+    texts = [_render_text(tokenizer, messages, template, False, tools)]
+    if not train_on_prompt:
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                texts += [_render_text(tokenizer, messages[:i], template, True, tools),
+                          _render_text(tokenizer, messages[: i + 1], template, False, tools)]
+    return texts
+
+
+def chat_labels(encoded: list[list[int]], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """Tokens and labels of a conversation from the encoded `chat_texts` (see `chat_tokens`)."""
+    ids = encoded[0]
+    if train_on_prompt:
+        return ids, labels_from_spans(ids, [(0, len(ids))])
+    spans = []
+    for before, through in zip(encoded[1::2], encoded[2::2], strict=True):
+        start, end = _common_prefix(ids, before), _common_prefix(ids, through)
+        if end > start:
+            spans.append((start, end))
+    return ids, labels_from_spans(ids, spans)
 
 
 def chat_tokens(tokenizer, messages: list[dict[str, str]], template: str | None,
-                train_on_prompt: bool) -> tuple[list[int], list[int]]:
+                train_on_prompt: bool, tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """Tokens and labels of a conversation: assistant turns trained, each with its end-of-turn token(s).
 
     Assistant spans are found by rendering prefixes of the conversation and diffing token ids: turn i starts where
@@ -128,18 +160,8 @@ def chat_tokens(tokenizer, messages: list[dict[str, str]], template: str | None,
     support. Templates that rewrite earlier turns (e.g. dropping old reasoning) are handled by taking the common
     prefix with the full rendering.
     """
-    ids = _render(tokenizer, messages, template, generation_prompt=False)
-    if train_on_prompt:
-        return ids, labels_from_spans(ids, [(0, len(ids))])
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = _common_prefix(ids, _render(tokenizer, messages[:i], template, generation_prompt=True))
-        end = _common_prefix(ids, _render(tokenizer, messages[: i + 1], template, generation_prompt=False))
-        if end > start:
-            spans.append((start, end))
-    return ids, labels_from_spans(ids, spans)
+    texts = chat_texts(tokenizer, messages, template, train_on_prompt, tools)
+    return chat_labels([_encode(tokenizer, t, special=False) if t else [] for t in texts], train_on_prompt)
 
 
 def end_token_ids(tokenizer, template: str | None = None, chat: bool = False) -> set[int]:
@@ -164,13 +186,63 @@ def example_tokens(tokenizer, row: dict[str, Any], fmt: str, data_cfg: DataConfi
     if fmt == "completion":
         return prompt_response_tokens(tokenizer, row["prompt"], row["completion"], data_cfg.train_on_prompt)
     if fmt == "chat":
-        return chat_tokens(tokenizer, row["messages"], data_cfg.chat_template, data_cfg.train_on_prompt)
+        return chat_tokens(tokenizer, row["messages"], data_cfg.chat_template, data_cfg.train_on_prompt,
+                           row.get("tools"))
     if fmt == "text":
         return text_tokens(tokenizer, row["text"])
     raise DataError(f"unknown format {fmt!r}; use one of {', '.join(REQUIRED_COLUMNS)}")
 
 
-def _check_templates(tokenizer, fmt: str, data_cfg: DataConfig) -> None:
+def _encode_many(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts in one call: the fast tokenizer encodes a batch on all cores."""
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
+
+
+def _chat_batch(tokenizer, rows: list[tuple[str, dict[str, Any]]], data_cfg: DataConfig):
+    texts, counts = [], []
+    for where, row in rows:
+        try:
+            mine = chat_texts(tokenizer, row["messages"], data_cfg.chat_template, data_cfg.train_on_prompt,
+                              row.get("tools"))
+        except Exception as e:  # noqa: BLE001 - chat templates raise their own errors ("roles must alternate")
+            raise DataError(f"{where}: cannot render this row as chat: {e}") from None
+        texts += mine
+        counts.append(len(mine))
+    encoded, out, start = _encode_many(tokenizer, texts, special=False), [], 0
+    for n in counts:
+        out.append(chat_labels(encoded[start: start + n], data_cfg.train_on_prompt))
+        start += n
+    return out
+
+
+def batch_example_tokens(tokenizer, rows: list[tuple[str, dict[str, Any]]], fmt: str,
+                         data_cfg: DataConfig) -> list[tuple[list[int], list[int]]]:
+    """`example_tokens` of many checked rows with one tokenizer call per part (prompts, responses, texts).
+
+    Gives exactly the ids of `example_tokens` row by row; a row that cannot be rendered is named by its `where`.
+    """
+    if fmt == "chat":
+        return _chat_batch(tokenizer, rows, data_cfg)
+    eos = _eos(tokenizer)
+    if fmt == "text":
+        return [(ids + [eos], labels_from_spans(ids + [eos], [(0, len(ids) + 1)]))
+                for ids in _encode_many(tokenizer, [r["text"] for _, r in rows], special=True)]
+    if fmt == "alpaca":
+        prompts = [alpaca_prompt(r["instruction"], r["input"], data_cfg.prompt_template) for _, r in rows]
+        responses = [r["output"] for _, r in rows]
+    elif fmt == "completion":
+        prompts, responses = [r["prompt"] for _, r in rows], [r["completion"] for _, r in rows]
+    else:
+        raise DataError(f"unknown format {fmt!r}; use one of {', '.join(REQUIRED_COLUMNS)}")
+    out = []
+    for p, r in zip(_encode_many(tokenizer, prompts, True), _encode_many(tokenizer, responses, False), strict=True):
+        ids = p + r + [eos]
+        out.append((ids, labels_from_spans(ids, [(0 if data_cfg.train_on_prompt else len(p), len(ids))])))
+    return out
+
+
+def check_templates(tokenizer, fmt: str, data_cfg: DataConfig) -> None:
+    """Refuse a custom Alpaca template without {instruction}, or chat without any chat template."""
     if fmt == "alpaca" and data_cfg.prompt_template is not None and "{instruction}" not in data_cfg.prompt_template:
         raise DataError("data.prompt_template: must contain {instruction} (and usually {input}); "
                         f"got {data_cfg.prompt_template!r}")
@@ -180,30 +252,25 @@ def _check_templates(tokenizer, fmt: str, data_cfg: DataConfig) -> None:
 
 
 def tokenize_rows(rows: list[tuple[str, dict[str, Any]]], tokenizer, fmt: str, data_cfg: DataConfig,
-                  source: int = 0, progress=None) -> tuple[list[Example], SourceStats]:
+                  source: int = 0, progress=None, first_row: int = 0) -> tuple[list[Example], SourceStats]:
     """Checked rows of one source → truncated examples, dropping rows left with nothing to train.
 
     Args:
-        rows: (where, row) pairs from `read_source`.
+        rows: (where, row) pairs from `read_source` (all of a source, or a run of its rows).
         tokenizer: a Hugging Face tokenizer.
         fmt: the source's format.
         data_cfg: for max_length, train_on_prompt and the templates.
         source: index stored in each example.
-        progress: an optional callable advanced by one per row.
+        progress: an optional callable, given the number of rows done.
+        first_row: the source row number of `rows[0]` (stored in the examples).
 
     Returns:
         The examples and the counts of rows read, truncated and dropped.
     """
-    _check_templates(tokenizer, fmt, data_cfg)
+    check_templates(tokenizer, fmt, data_cfg)
     stats = SourceStats(rows=len(rows))
     examples = []
-    for i, (where, row) in enumerate(rows):
-        try:
-            ids, labels = example_tokens(tokenizer, row, fmt, data_cfg)
-        except DataError:
-            raise
-        except Exception as e:  # noqa: BLE001 - chat templates raise their own errors ("roles must alternate")
-            raise DataError(f"{where}: cannot render this row as {fmt}: {e}") from None
+    for i, (ids, labels) in enumerate(batch_example_tokens(tokenizer, rows, fmt, data_cfg)):
         trained_before = any(lab != IGNORE_INDEX for lab in labels)
         ids, labels, cut = truncate(ids, labels, data_cfg.max_length)
         stats.truncated += cut
@@ -211,7 +278,7 @@ def tokenize_rows(rows: list[tuple[str, dict[str, Any]]], tokenizer, fmt: str, d
             stats.dropped_truncated += trained_before
             stats.dropped_unsupervised += not trained_before
         else:
-            examples.append(Example(ids, labels, source, i))
-        if progress is not None:
-            progress()
+            examples.append(Example(ids, labels, source, first_row + i))
+    if progress is not None:
+        progress(len(rows))
     return examples, stats

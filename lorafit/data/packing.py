@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,12 +65,71 @@ def make_row(examples: list[Example]) -> Row:
     return Row(ids, labels, positions)
 
 
-def make_rows(examples: list[Example], max_length: int, packing: bool) -> list[Row]:
-    """Training rows: packed (best-fit decreasing) or one example per row, in data order."""
+def _example_arrays(examples: Sequence, i: int):
+    """(ids, trained mask) of example i: views into a token store, or arrays of a plain `Example`."""
+    import numpy as np
+
+    if hasattr(examples, "arrays"):
+        return examples.arrays(i)
+    e = examples[i]
+    return np.asarray(e.input_ids, np.int64), np.asarray(e.labels, np.int64) != IGNORE_INDEX
+
+
+class Rows(Sequence):
+    """Training rows as a list-like view: bin b packs examples `members[starts[b]:starts[b+1]]`.
+
+    A row is built when asked for (from a memory-mapped token store, for `ExampleSet` examples), so holding the rows
+    of a large data set costs two integer arrays, not the tokens. Slices are views too.
+    """
+
+    def __init__(self, examples: Sequence, members, starts, select=None):
+        import numpy as np
+
+        self.examples, self.members, self.starts = examples, np.asarray(members, np.int64), np.asarray(starts, np.int64)
+        self.select = np.arange(len(self.starts) - 1) if select is None else np.asarray(select, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.select)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return Rows(self.examples, self.members, self.starts, self.select[key])
+        import numpy as np
+
+        b = int(self.select[key])
+        parts = [_example_arrays(self.examples, int(i)) for i in self.members[self.starts[b]: self.starts[b + 1]]]
+        ids = np.concatenate([p[0] for p in parts])
+        trained = np.concatenate([p[1] for p in parts]).astype(bool)
+        positions = np.concatenate([np.arange(len(p[0])) for p in parts])
+        return Row(ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), positions.tolist())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def make_rows(examples: Sequence[Example], max_length: int, packing: bool) -> Rows:
+    """Training rows: packed (best-fit decreasing) or one example per row, in data order.
+
+    Args:
+        examples: `Example`s, or an `ExampleSet` (read from its token stores without building lists).
+        max_length: the most tokens a packed row holds.
+        packing: pack several examples into a row; false: one example per row.
+    """
+    import numpy as np
+
+    n = len(examples)
     if not packing:
-        return [make_row([e]) for e in examples]
-    bins = pack([len(e.input_ids) for e in examples], max_length)
-    return [make_row([examples[i] for i in b]) for b in bins]
+        return Rows(examples, np.arange(n), np.arange(n + 1))
+    lengths = examples.lengths().tolist() if hasattr(examples, "lengths") else [len(e.input_ids) for e in examples]
+    bins = pack(lengths, max_length)
+    members = np.fromiter((i for b in bins for i in b), np.int64, n)
+    starts = np.concatenate([[0], np.cumsum([len(b) for b in bins], dtype=np.int64)])
+    return Rows(examples, members, starts)
 
 
 def collate(rows: list[Row], pad_id: int | None = None, flatten: bool = False) -> dict[str, torch.Tensor]:
