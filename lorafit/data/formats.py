@@ -194,8 +194,17 @@ def example_tokens(tokenizer, row: dict[str, Any], fmt: str, data_cfg: DataConfi
 
 
 def _encode_many(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    """Token ids of many texts in one call: the fast tokenizer encodes a batch on all cores."""
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
+    """Token ids of many texts in one call: the fast tokenizer encodes a batch on all cores.
+
+    A fast tokenizer's Rust backend is called directly, without computing the character offsets transformers asks
+    for (a third of the time); its ids are the same.
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
 def _chat_batch(tokenizer, rows: list[tuple[str, dict[str, Any]]], data_cfg: DataConfig):
@@ -271,10 +280,10 @@ def tokenize_rows(rows: list[tuple[str, dict[str, Any]]], tokenizer, fmt: str, d
     stats = SourceStats(rows=len(rows))
     examples = []
     for i, (ids, labels) in enumerate(batch_example_tokens(tokenizer, rows, fmt, data_cfg)):
-        trained_before = any(lab != IGNORE_INDEX for lab in labels)
+        trained_before = labels.count(IGNORE_INDEX) < len(labels)
         ids, labels, cut = truncate(ids, labels, data_cfg.max_length)
         stats.truncated += cut
-        if not any(lab != IGNORE_INDEX for lab in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             stats.dropped_truncated += trained_before
             stats.dropped_unsupervised += not trained_before
         else:
