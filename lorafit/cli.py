@@ -136,7 +136,8 @@ def merge(
                                   metavar="RUN_OR_ADAPTER_DIR"),
     out: Path = typer.Option(..., "--out", help="New folder for the merged model (must not exist or be empty).",
                              show_default=False),
-    dtype: SaveDtype = typer.Option(SaveDtype.bfloat16, "--dtype", help="Dtype of the saved weights."),
+    dtype: Optional[SaveDtype] = typer.Option(None, "--dtype", show_default=False,
+                                              help="Dtype of the saved weights (default: the run's model.dtype)."),
 ) -> None:
     """Fold an adapter into its base model and save a plain Hugging Face model; verified against the adapter.
 
@@ -144,7 +145,7 @@ def merge(
     """
     from lorafit.merge import merge_adapter
 
-    merge_adapter(source, out, dtype=dtype.value)
+    merge_adapter(source, out, dtype=dtype.value if dtype else None)
 
 
 @app.command(name="eval")

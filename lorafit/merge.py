@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.errors import LorafitError, RunDirError
+from lorafit.errors import DiskFullError, LorafitError, RunDirError, disk_full_reason
 from lorafit.sources import LORAFIT_CONFIG, Source, is_chat_run, load_source_tokenizer, resolve_source
 
 SAMPLE_TEXTS = (
@@ -131,8 +131,8 @@ def quantized_layer_names(source: Source, samples: list[torch.Tensor]) -> tuple[
     Loading the real quantized model, instead of guessing transformers' skip list, names exactly the layers whose
     weights the adapter saw quantized.
     """
-    from lorafit.checkpoint import load_adapter
     from lorafit.adapters import is_quantized
+    from lorafit.checkpoint import load_adapter
     from lorafit.model import load_model
 
     model = load_model(source.model)
@@ -221,14 +221,31 @@ def reload_logits(folder: Path, samples: list[torch.Tensor]) -> list[torch.Tenso
 # ------------------------------------------------------------------------------------------------ command
 
 
-def merge_adapter(source: Path, out: Path, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
+def saved_dtype(src: Source) -> str:
+    """The dtype a merge saves by default: the run's model.dtype; for an adapter without lorafit's config, the dtype
+    its base model's config.json records (float32 when it records none)."""
+    if src.config is not None:
+        return src.config.model.dtype
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(src.model.path, revision=src.model.revision,
+                                               trust_remote_code=src.model.trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return "float32"  # the base load below reports what is wrong with it
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in SAVED_TOLERANCE else "float32"
+
+
+def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_size: str | int = "5GB",
                   console=None) -> MergeReport:
     """Fold the adapter of a run (or adapter) folder into its base model and save the result in `out`.
 
     Args:
         source: a run directory or an adapter directory (lorafit or PEFT).
         out: a new (or empty) folder; written through a temporary folder beside it and renamed at the end.
-        dtype: dtype of the saved weights: float32, bfloat16 or float16.
+        dtype: dtype of the saved weights: float32, bfloat16 or float16; default `saved_dtype` (the run's).
         max_shard_size: largest safetensors shard, as `save_pretrained` takes it.
         console: a rich Console for the report (default: stdout; warnings go to stderr).
 
@@ -245,11 +262,12 @@ def merge_adapter(source: Path, out: Path, dtype: str = "bfloat16", max_shard_si
 
     console = console or Console(highlight=False)
     warn = Console(stderr=True, highlight=False)
-    if dtype not in SAVED_TOLERANCE:
+    if dtype is not None and dtype not in SAVED_TOLERANCE:
         raise LorafitError(f"--dtype {dtype}: must be one of {', '.join(SAVED_TOLERANCE)}")
     source, out = Path(source), Path(out)
     src = resolve_source(source)
     check_out_dir(out, source)
+    dtype = dtype or saved_dtype(src)
     tokenizer = load_source_tokenizer(src)
     samples = sample_inputs(tokenizer)
     names, kernel_logits = quantized_layer_names(src, samples) if src.quantization else ([], None)
@@ -287,6 +305,7 @@ def _write_and_verify(holder: list, tokenizer, src: Source, out: Path, report: M
     from lorafit.checkpoint import write_dir_atomically
 
     merged: list[torch.Tensor] = []
+    size = sum(p.numel() for p in holder[0].parameters()) * torch.finfo(getattr(torch, report.dtype)).bits // 8
 
     def write(tmp: Path) -> None:
         save_merged(holder.pop(), tokenizer, src, tmp, report.dtype, max_shard_size)
@@ -295,7 +314,15 @@ def _write_and_verify(holder: list, tokenizer, src: Source, out: Path, report: M
         report.saved_rel_diff = max_relative_difference(merged, reference)
         _check(report.saved_rel_diff, report.saved_tolerance, f"the saved {report.dtype} model", out)
 
-    write_dir_atomically(out, write)  # an empty `out` is replaced too
+    try:
+        write_dir_atomically(out, write)  # an empty `out` is replaced too; a failed write leaves nothing
+    except Exception as e:
+        reason = disk_full_reason(e)
+        if reason is None:
+            raise
+        raise DiskFullError(f"{reason} while writing the merged model to {out}; nothing half-written was kept: free "
+                            f"space (the merged model needs about {size / 1024**3:.2f} GiB) and run the merge again") \
+            from None
     return merged
 
 

@@ -19,7 +19,7 @@ from lorafit.config import ModelConfig, QuantizationConfig
 from lorafit.errors import ModelLoadError
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION = ("sdpa", "flash_attention_2", "eager")
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
 ADDED_PAD_TOKEN = "<|pad|>"
 
 
@@ -53,8 +53,8 @@ def _load_error(what: str, src: _Source, exc: Exception) -> ModelLoadError:
         return ModelLoadError(f"model.path: cannot load the {what} from {src.path}: {_first_line(exc)}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     hint = ("HF_HUB_OFFLINE is set and it is not in the local cache: download it once online "
-            "(huggingface-cli download " + src.path + ") or point model.path at a local folder"
-            if offline else "check the hub id, model.revision, your network, and access rights (huggingface-cli login)")
+            "(hf download " + src.path + ") or point model.path at a local folder"
+            if offline else "check the hub id, model.revision, your network, and access rights (hf auth login)")
     rev = f" (revision {src.revision})" if src.revision else ""
     return ModelLoadError(f"model.path: cannot load the {what} {src.path!r}{rev}: {_first_line(exc)}\n{hint}")
 
@@ -78,6 +78,110 @@ def _as_config(cfg: ModelConfig | str, overrides: dict[str, Any]) -> ModelConfig
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ModelLoadError(f"model settings: {problems} (dtype: {', '.join(DTYPES)}; "
                              f"attention: {', '.join(ATTENTION)}; quantization bits: 4 or 8)") from None
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The attention implementation a model will be loaded with, and why."""
+
+    implementation: str  # what transformers gets as attn_implementation
+    requested: str  # model.attention as configured (auto | sdpa | flash_attention_2 | eager)
+    supported: tuple[str, ...]  # what the model class declares, best first
+    note: str = ""  # for auto: why the better ones were passed over
+
+    def describe(self) -> str:
+        """E.g. "sdpa attention", or "sdpa attention (auto; flash_attention_2: flash-attn is not installed)"."""
+        if self.requested != "auto":
+            return f"{self.implementation} attention"
+        return f"{self.implementation} attention (auto{'; ' + self.note if self.note else ''})"
+
+
+def model_class(hf_config, trust_remote_code: bool = False):
+    """The causal-LM class transformers would build for `hf_config`, or None when it cannot tell."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        auto_map = getattr(hf_config, "auto_map", None) or {}
+        if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], hf_config._name_or_path)
+        return AutoModelForCausalLM._model_mapping[type(hf_config)]
+    except Exception:  # unknown architecture or remote code not at hand: transformers reports it when loading
+        return None
+
+
+def supported_attention(cls) -> tuple[str, ...]:
+    """The attention implementations a model class declares (transformers' `_supports_*` flags), best first."""
+    flash = getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False)
+    return tuple(name for name, ok in (("flash_attention_2", flash), ("sdpa", getattr(cls, "_supports_sdpa", False)),
+                                       ("eager", True)) if ok)
+
+
+def flash_attention_missing() -> str | None:
+    """Why flash_attention_2 cannot run on this machine (no flash-attn package, no CUDA GPU), or None."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+def choose_attention(requested: str, supported: tuple[str, ...], half_precision: bool, cls_name: str,
+                     flash_missing: str | None) -> AttentionChoice:
+    """`model.attention` resolved against what the model class supports and what this machine has.
+
+    auto: flash_attention_2 when the class supports it, flash-attn is installed, there is a GPU and the model computes
+    in bf16/fp16 (FA2 has no fp32 kernels); else sdpa when the class supports it; else eager. An explicit choice the
+    model or machine cannot use is refused (before any weight is loaded).
+
+    Raises:
+        ModelLoadError: an explicit choice that cannot be used, naming what the model supports.
+    """
+    if requested != "auto":
+        if requested not in supported:
+            raise ModelLoadError(f"model.attention: {cls_name} does not support {requested}; it supports "
+                                 f"{', '.join(supported)} (or use auto)")
+        if requested == "flash_attention_2" and flash_missing:
+            raise ModelLoadError(f"model.attention: flash_attention_2 cannot run here ({flash_missing}); use auto, "
+                                 f"or one of {', '.join(s for s in supported if s != requested)}")
+        return AttentionChoice(requested, requested, supported)
+    passed = []
+    if "flash_attention_2" in supported:
+        why = flash_missing or (None if half_precision else "float32 weights")
+        if why is None:
+            return AttentionChoice("flash_attention_2", requested, supported)
+        passed.append(f"flash_attention_2: {why}")
+    if "sdpa" in supported:
+        return AttentionChoice("sdpa", requested, supported, "; ".join(passed))
+    passed.append(f"no sdpa in {cls_name}")
+    return AttentionChoice("eager", requested, supported, "; ".join(passed))
+
+
+def resolve_attention(mc: ModelConfig, hf_config) -> AttentionChoice | None:
+    """`choose_attention` for a model config and its transformers config; None when the class is unknown."""
+    cls = model_class(hf_config, mc.trust_remote_code)
+    if cls is None:
+        return None
+    q = mc.quantization
+    half = mc.dtype != "float32" and (q is None or q.bits == 8 or q.compute_dtype != "float32")
+    return choose_attention(mc.attention, supported_attention(cls), half, cls.__name__, flash_attention_missing())
+
+
+def _load_hf_config(src: _Source):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error("model config", src, e) from None
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -186,6 +290,7 @@ def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, f
         ModelLoadError: path not found, hub id not available (e.g. offline and not cached), bad settings.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     mc = _as_config(cfg, settings)
@@ -193,13 +298,15 @@ def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, f
     quant = quantization_config(mc.quantization, storage_dtype=mc.dtype if for_fsdp else None)
     if device_map is None:
         device_map = _default_device_map(quant is not None)
+    attention = resolve_attention(mc, _load_hf_config(src))  # refuses an unusable choice before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path, revision=src.revision, trust_remote_code=src.trust_remote_code, dtype=getattr(torch, mc.dtype),
-            attn_implementation=mc.attention, quantization_config=quant, device_map=device_map)
-    except ImportError as e:  # e.g. flash_attention_2 without flash-attn, or bitsandbytes missing
+            attn_implementation=attention.implementation if attention else None, quantization_config=quant,
+            device_map=device_map)
+    except ImportError as e:  # e.g. bitsandbytes missing
         raise ModelLoadError(f"model: {_first_line(e)}") from None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: e.g. a weight file cut short
         raise _load_error("model", src, e) from None
     if tokenizer is not None:
         align_model_with_tokenizer(model, tokenizer)

@@ -130,10 +130,27 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, learnable_model_dir, caps
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path, learnable_model_dir, capsys):
+@pytest.mark.parametrize("override,needle", [
+    ("model.path=/nonexistent/model", "does not exist"),
+    ("adapter.targets=[no_such_proj]", "no_such_proj"),
+    ("data.train=[{path: /nonexistent/train.jsonl, format: alpaca}]", "/nonexistent/train.jsonl"),
+])
+def test_a_refused_start_leaves_no_output_dir_and_does_not_block_the_next(tmp_path, learnable_model_dir, capsys,
+                                                                          override, needle):
     config = make_config(tmp_path, learnable_model_dir, max_steps=1)
-    assert train(config, "model.path=/nonexistent/model") == 2
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert train(config, override) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert train(config) == 0
+    assert "/nonexistent" not in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_config_yaml_left_by_an_older_failed_start_does_not_block_the_next(tmp_path, learnable_model_dir):
+    from lorafit.runstate import CONFIG_HEADER
+
+    config = make_config(tmp_path, learnable_model_dir, max_steps=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(CONFIG_HEADER + "model: {path: /nonexistent/model}\n")
     assert train(config) == 0
     assert "/nonexistent" not in (tmp_path / "run" / "config.yaml").read_text()
 
