@@ -390,6 +390,7 @@ def test_report_highlights_trained_tokens_and_shows_the_audit(tmp_path, tiny_tok
     out = console.export_text()
     assert out.count("d.jsonl row") == 2 and "label audit" in out and "end token trained" in out
     assert "4 of 4 examples" in out and "█" in out and "data ok" in out
+    assert "mixture (train)" in out and "100.0%" in out and "token store:" in out and " on disk; data read in " in out
     example = D.prepare_examples(cfg, tiny_tokenizer, seed=0, cache_dir=tmp_path / "c").train[0]
     text = D.render_example(tiny_tokenizer, example)
     highlighted = [text.plain[s.start: s.end] for s in text.spans if s.style == report_module.TRAINED_STYLE]

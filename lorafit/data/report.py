@@ -70,6 +70,25 @@ def _audit_table(audit: DataAudit):
     return table
 
 
+def _mixture_table(audit: DataAudit):
+    from rich.table import Table
+
+    table = Table(title="mixture (train)", title_justify="left")
+    for name in ("source", "examples", "drawn", "tokens", "share"):
+        table.add_column(name, justify="left" if name == "source" else "right")
+    for m in audit.mixture:
+        table.add_row(m.path, f"{m.available:,}", f"{m.drawn:,}", f"{m.tokens:,}", f"{m.share:.1%}")
+    return table
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def print_data_report(cfg: Config, tokenizer, console, n_examples: int = 3, cache_dir: Path | None = None) -> None:
     """What `lorafit data CONFIG` shows: examples with trained tokens highlighted, lengths, packing, the audit.
 
@@ -98,6 +117,8 @@ def print_data_report(cfg: Config, tokenizer, console, n_examples: int = 3, cach
     for line in length_histogram([len(e.input_ids) for e in prepared.train], d.max_length):
         console.print(line, highlight=False)
     console.print(_audit_table(audit))
+    console.print(_mixture_table(audit))
+    console.print(f"token store: {_size(audit.store_bytes)} on disk; data read in {audit.seconds:.1f} s", highlight=False)
     for w in audit.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     check_audit(audit, d.max_length)
