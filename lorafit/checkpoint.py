@@ -48,7 +48,7 @@ def _peft_config(wrapped: list[str], all_linear: list[str], *, base_model_name_o
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None, r: int, alpha: float,
                  dropout: float, targets: str | list[str], rslora: bool = False, dora: bool = False,
                  tokenizer=None, extra_files: dict[str, str] | None = None,
-                 weights: dict[str, Any] | None = None) -> Path:
+                 weights: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Path:
     """Write the model's LoRA layers as a PEFT adapter folder, atomically (an existing folder is replaced only
     once the new one is complete).
 
@@ -62,21 +62,26 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
         extra_files: {file name: text} written into the folder in the same atomic step (e.g. lorafit.yaml).
         weights: the trainable parameters by name, gathered whole (`lorafit.parallel.trainable_state`); needed
             when the layers hold only shards (FSDP). Default: read from the layers.
+        settings: the `adapter:` section as plain data (`AdapterConfig.settings()`); its method adds its own
+            adapter_config.json keys (peft_type ...) and may save a converted form of its tensors (PiSSA).
 
     Returns:
         The adapter folder.
     """
     from safetensors.torch import save_file
 
-    from lorafit.adapters import adapter_tensors, lora_layers, lora_state_dict
+    from lorafit.adapters import METHODS, adapter_tensors, lora_layers, lora_state_dict
 
-    wrapped = list(lora_layers(model))
+    layers = lora_layers(model)
+    wrapped = list(layers)
     if not wrapped:
         raise RunDirError(f"cannot save an adapter: the model has no LoRA layers (targets {targets!r})")
     config = _peft_config(wrapped, _all_linear(model),
                           base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
                           rslora=rslora, dora=dora)
-    found = lora_state_dict(model) if weights is None else adapter_tensors(weights)
+    if settings is not None:
+        config.update(METHODS[settings["method"]].layer.peft_config(layers, settings))
+    found = lora_state_dict(model, export=True) if weights is None else adapter_tensors(weights)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.items()}
 
     def write(tmp: Path) -> None:

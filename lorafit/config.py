@@ -107,6 +107,13 @@ class AdapterConfig(_Section):
     exclude: list[str] = []  # module-name suffixes never wrapped
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
 
+    def settings(self) -> dict[str, Any]:
+        """The section as plain data for `lorafit.adapters`, the chosen method's section filled with its defaults."""
+        data = self.model_dump(mode="json")
+        data["vera"] = (self.vera or VeraConfig()).model_dump(mode="json")
+        data["adalora"] = (self.adalora or AdaloraConfig()).model_dump(mode="json")
+        return data
+
     @field_validator("targets")
     @classmethod
     def _targets_shape(cls, v: str | list[str]) -> str | list[str]:
@@ -556,7 +563,7 @@ def _adapter_problems(cfg: Config) -> list[str]:
     if a.init == "loftq" and q is None:
         problems.append("adapter.init: loftq prepares an adapter for a quantized base, and model.quantization is not "
                         "set; use init pissa / olora on a full-precision base, or set model.quantization.bits")
-    if a.init != "loftq" and "init_iters" in a.model_fields_set:
+    if a.init != "loftq" and a.init_iters != 1:
         problems.append(f"adapter.init_iters: applies to init loftq only (init is {a.init})")
     ada = a.adalora or AdaloraConfig()
     if a.method == "adalora" and ada.init_r < a.r:

@@ -62,6 +62,7 @@ class Plan:
     steps_per_epoch: int | None
     total_steps: int | None
     memory: dict[str, float] = field(default_factory=dict)  # bytes per device, by part
+    attention: Any = None  # lorafit.model.AttentionChoice on this machine; None when the model class is unknown
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -93,14 +94,15 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorafit.adapters import find_targets, lora_param_count
+    from lorafit.adapters import find_targets, method_param_count
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
     a = cfg.adapter
     targets = find_targets(model, a.targets, a.exclude)
     modules = dict(model.named_modules())
-    adapter_params = sum(lora_param_count(modules[n].in_features, modules[n].out_features, a.r, a.method == "dora")
+    settings = a.settings()
+    adapter_params = sum(method_param_count(modules[n].in_features, modules[n].out_features, settings)
                          for n in targets)
     head = model.get_output_embeddings()
     quantizable = sum(m.weight.numel() for m in modules.values()
@@ -242,14 +244,18 @@ def make_plan(cfg: Config, processes: int | None = None, fsdp: bool | None = Non
         fsdp = parallel.requested_sharding() is not None
     if fsdp:
         parallel.check_config_fits(cfg)
+    from lorafit.model import resolve_attention
+
     hf_config, source = _find_model_config(cfg)
+    attention = resolve_attention(cfg.model, hf_config) if hf_config is not None else None  # refuses what cannot run
     shape = _model_shape(cfg, hf_config, source) if hf_config is not None else None
     train_data, eval_data = _count(cfg.data.train), _count(cfg.data.eval)
     world = processes or int(os.environ.get("WORLD_SIZE", "1"))
     rows = [d.rows for d in train_data]
     per_epoch, total = _steps(cfg, None if None in rows else sum(rows), world)
     memory = estimate_memory(cfg, shape, shards=world if fsdp else 1) if shape is not None else {}
-    return Plan(shape, "" if shape else source, train_data, eval_data, world, fsdp, per_epoch, total, memory)
+    return Plan(shape, "" if shape else source, train_data, eval_data, world, fsdp, per_epoch, total, memory,
+                attention)
 
 
 # ------------------------------------------------------------------------------------------------ printing
@@ -310,7 +316,8 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
         if q.bits == 4 else "8-bit (LLM.int8)")
     scale = a.alpha / math.sqrt(a.r) if a.rslora else a.alpha / a.r
     rows = [
-        ("model", f"{cfg.model.path} ({cfg.model.dtype}, {cfg.model.attention} attention)"),
+        ("model", f"{cfg.model.path} ({cfg.model.dtype}, "
+                  f"{plan.attention.describe() if plan.attention else cfg.model.attention + ' attention'})"),
         ("base weights", base),
         ("adapter", f"{a.method} r={a.r} alpha={a.alpha:g} scale={scale:.4g}{' (rsLoRA)' if a.rslora else ''} "
                     f"dropout={a.dropout:g}"),

@@ -65,28 +65,38 @@ def _check_trackers(trackers: list[str]) -> None:
                            f"pip install {' '.join(packages[t] for t in missing)} (or remove it from train.trackers)")
 
 
-def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None):
-    """Tokenizer, base model and LoRA layers; under FSDP, the model sharded across processes.
+def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, tokenizer):
+    """Base model and LoRA layers; under FSDP, the model sharded across processes.
 
     Returns:
-        (model, tokenizer, wrapped module names, parameter report taken before sharding).
+        (model, wrapped module names, parameter report taken before sharding).
     """
-    from lorafit.adapters import attach_lora, param_report
-    from lorafit.model import load_model, load_tokenizer, prepare_for_kbit_training
+    from lorafit.adapters import attach_from_settings, param_report
+    from lorafit.model import load_model, prepare_for_kbit_training
 
-    tokenizer = load_tokenizer(cfg.model)
     device_map = {"": accelerator.device} if cfg.model.quantization is not None else None
     model = load_model(cfg.model, device_map=device_map, tokenizer=tokenizer, for_fsdp=sharding is not None)
+    if accelerator.is_main_process:
+        print(f"model: {cfg.model.path} ({cfg.model.dtype}, {_attention_text(cfg, model)})", flush=True)
     prepare_for_kbit_training(model, gradient_checkpointing=_checkpointing(cfg, accelerator, sharding))
     a = cfg.adapter
     # The same seed on every process: each one starts from the same adapter (FSDP shards each process's own copy)
     torch.manual_seed(cfg.train.seed)
-    wrapped = attach_lora(model, a.targets, a.exclude, r=a.r, alpha=a.alpha, dropout=a.dropout, rslora=a.rslora,
-                          dora=a.method == "dora")
+    wrapped = attach_from_settings(model, a.settings())
     counts = param_report(model)
     if sharding is not None:
         model = parallel.shard_model(model, sharding, accelerator.device)
-    return model, tokenizer, wrapped, counts
+    return model, wrapped, counts
+
+
+def attention_of(model) -> str:
+    """The attention implementation the loaded model runs (what transformers settled on)."""
+    return getattr(parallel.unwrap(model).config, "_attn_implementation", None) or "eager"
+
+
+def _attention_text(cfg: Config, model) -> str:
+    used = attention_of(model)
+    return f"{used} attention" + (" (auto)" if cfg.model.attention == "auto" else "")
 
 
 def _checkpointing(cfg: Config, accelerator, sharding: parallel.Sharding | None) -> bool:
@@ -159,8 +169,9 @@ def _count_tokens(batches: list[dict[str, torch.Tensor]], real_tokens: int, acce
     return int(total[0]), int(total[1])
 
 
-def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_grad_norm):
-    """One optimizer step over this process's micro-batches.
+def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_grad_norm, hooks=None):
+    """One optimizer step over this process's micro-batches; `hooks`: the adapter method's additions
+    (`lorafit.adapters.TrainingHooks`): a regulariser added to the last micro-batch's loss, a call after the step.
 
     Returns:
         (mean token loss, grad norm, supervised tokens, input tokens), token counts over all processes.
@@ -176,7 +187,11 @@ def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_gr
             with accelerator.autocast():
                 token_loss_sum, _ = _forward_loss(model, batch)
             # DDP and FSDP average gradients over processes; scaling by world size turns that average into a sum.
-            accelerator.backward(token_loss_sum * accelerator.num_processes / global_tokens)
+            objective = token_loss_sum * accelerator.num_processes / global_tokens
+            extra = hooks.regularizer() if last and hooks is not None else None
+            if extra is not None:  # the same on every process (the adapter is), so the average keeps it whole
+                objective = objective + extra
+            accelerator.backward(objective)
             loss_sum += token_loss_sum.detach().float()
     grad_norm = parallel.clip_grad_norm(model, accelerator, max_grad_norm)
     optimizer.step()
@@ -196,19 +211,26 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
         TrainingStopped: interrupted by SIGINT/SIGTERM after saving a checkpoint — exit 130; or a NaN/inf loss or
             gradient — exit 1, the last good checkpoint kept.
     """
+    from lorafit.adapters import training_hooks
     from lorafit.data import build_datasets
+    from lorafit.model import load_tokenizer
     from lorafit.reporting import RunReporter
 
     cfg, t = loaded.config, loaded.config.train
     accelerator, sharding = _make_accelerator(cfg)
     run_dir = Path(cfg.output.dir)
-    _on_main_then_all(accelerator, runstate.prepare_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path)
-
-    model, tokenizer, wrapped, counts = _build_model(cfg, accelerator, sharding)
-    _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
+    _on_main_then_all(accelerator, runstate.check_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path)
+    # Data, model and targets are checked before output.dir is created: a refused start leaves nothing behind.
+    tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
+    model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer)
+    _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
     per_epoch = schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * accelerator.num_processes)
     total_steps = t.max_steps or per_epoch * t.epochs
+    hooks = training_hooks(parallel.unwrap(model), cfg.adapter.settings(), total_steps)  # e.g. AdaLoRA's pruning
+    disk = runstate.disk_needed(counts.trainable, t.optimizer, t.keep_checkpoints, total_steps, t.save_every)
+    _on_main_then_all(accelerator, runstate.prepare_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path,
+                      disk=disk)
     optimizer = _build_optimizer(cfg, model)  # after sharding: FSDP's parameters are the ones to optimize
     scheduler = _lr_scheduler(cfg, optimizer, total_steps)
     if sharding is None:
@@ -222,7 +244,9 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
                            counts=counts, sharding=sharding)
-    run = _Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, train_rows, eval_rows, per_epoch, reporter)
+    run = _Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, train_rows, eval_rows, per_epoch, reporter,
+               flatten=attention_of(model) == "flash_attention_2",  # FA2 reads packing only from a batch of one
+               hooks=hooks)
     stop = _install_signal_handlers()
     started = time.perf_counter() - progress.elapsed
     try:
@@ -267,6 +291,8 @@ class _Run:
     eval_rows: list[Any]
     per_epoch: int
     reporter: Any
+    flatten: bool = False  # collate micro-batches into one row (flash_attention_2)
+    hooks: Any = None  # the adapter method's additions to the loop (lorafit.adapters.TrainingHooks)
 
     def step(self, progress: runstate.Progress) -> dict[str, Any]:
         """One optimizer step at `progress.step`; advances `progress` and returns the metrics row."""
@@ -277,13 +303,14 @@ class _Run:
         order = schedule.epoch_order(len(self.train_rows), t.seed, epoch)
         ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, acc.process_index,
                                      acc.num_processes)
-        flatten = self.cfg.model.attention == "flash_attention_2"  # FA2 reads packing only from a batch of one
-        batches = [collate([self.train_rows[i] for i in mb], pad_id=self.tokenizer.pad_token_id, flatten=flatten)
+        batches = [collate([self.train_rows[i] for i in mb], pad_id=self.tokenizer.pad_token_id, flatten=self.flatten)
                    for mb in ids]
         real = sum(len(self.train_rows[i]) for mb in ids for i in mb)
         self.model.train()
         loss, grad_norm, supervised, tokens = _train_step(self.model, self.optimizer, batches, real, acc,
-                                                          t.max_grad_norm)
+                                                          t.max_grad_norm, self.hooks)
+        if self.hooks is not None:
+            self.hooks.after_step(progress.step + 1)  # after the optimizer step (AdaLoRA prunes here)
         _check_finite(loss, grad_norm, progress.step + 1, Path(self.cfg.output.dir),
                       skip_grad=acc.optimizer_step_was_skipped)
         lr = self.scheduler.get_last_lr()[0]

@@ -118,7 +118,15 @@ def test_near_miss_inside_a_list_item_keeps_the_index(tmp_path):
         ("adapter:\n  r: 0\n", "adapter.r: input should be greater than or equal to 1 (got 0)"),
         ("adapter:\n  dropout: 1.5\n", "adapter.dropout: input should be less than 1"),
         ("train:\n  lr: -0.1\n", "train.lr: input should be greater than 0"),
-        ("train:\n  scheduler: cosin\n", "train.scheduler: must be one of 'cosine', 'linear' or 'constant' (got 'cosin')"),
+        ("train:\n  scheduler: cosin\n", "train.scheduler: must be one of 'cosine', 'linear' or 'constant' (got 'cosin'; did you mean 'cosine'?)"),
+        ("adapter:\n  method: vra\n", "adapter.method: must be one of 'lora', 'dora', 'lora_fa', 'vera' or 'adalora' "
+                                       "(got 'vra'; did you mean 'vera'?)"),
+        ("adapter:\n  init: pisa\n", "adapter.init: must be one of 'default', 'gaussian', 'pissa', 'olora' or 'loftq' "
+                                      "(got 'pisa'; did you mean 'pissa'?)"),
+        ("adapter:\n  method: lora\n  vera: {d_initial: 0.2}\n", "adapter.vera: settings for method vera, but "
+                                                                  "adapter.method is lora"),
+        ("adapter:\n  init: loftq\n", "adapter.init: loftq prepares an adapter for a quantized base"),
+        ("adapter:\n  method: adalora\n  r: 8\n  adalora: {init_r: 4}\n", "adapter.adalora.init_r: 4 is below adapter.r (8)"),
         ("model:\n  path: x\n  dtype: fp8\n", "model.dtype: must be one of 'float32', 'bfloat16' or 'float16'"),
         ("adapter:\n  targets: q_proj\n", "for one suffix write [q_proj]"),
         ("adapter:\n  targets: 're:(unclosed'\n", "adapter.targets: invalid regular expression"),

@@ -122,6 +122,27 @@ def logical_numel(param: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------------- the layer
 
 
+class TrainingHooks:
+    """What a method adds to the training loop (AdaLoRA's regulariser and rank pruning). The default adds nothing.
+
+    The loop calls `regularizer()` once per optimizer step (its value is added to the last micro-batch's loss),
+    `after_step(step)` right after the optimizer step (step counted from 1), and saves / restores
+    `state_dict()` with every checkpoint so a resumed run continues bit-exactly.
+    """
+
+    def regularizer(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class AdapterLayer(nn.Module):
     """A frozen base layer plus a method's trainable path. Subclasses: see the module docstring.
 
@@ -162,6 +183,38 @@ class AdapterLayer(nn.Module):
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """This layer's tensors under PEFT's names relative to the module (``lora_A.weight`` ...), detached."""
         raise NotImplementedError
+
+    # -- what a method may override: how settings become layers, and what the whole model needs
+
+    @classmethod
+    def layer_args(cls, settings: dict) -> dict:
+        """Constructor keyword arguments from the adapter settings (the `adapter:` section as plain data)."""
+        return {"r": settings["r"], "alpha": settings["alpha"], "dropout": settings["dropout"],
+                "rslora": settings.get("rslora", False)}
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, layers: dict[str, AdapterLayer], settings: dict) -> None:
+        """Model-level set-up after every target is wrapped (e.g. projections shared by all layers)."""
+
+    @classmethod
+    def param_count(cls, in_features: int, out_features: int, settings: dict) -> int:
+        """Trainable parameters one wrapped (out, in) layer adds (for the plan, on the meta device)."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_config(cls, layers: dict[str, AdapterLayer], settings: dict) -> dict:
+        """Keys of adapter_config.json that differ from plain LoRA's (peft_type, method sections ...)."""
+        return {}
+
+    @classmethod
+    def training_hooks(cls, layers: dict[str, AdapterLayer], settings: dict, total_steps: int) -> TrainingHooks:
+        """What this method adds to the training loop (see `TrainingHooks`)."""
+        return TrainingHooks()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The tensors the saved adapter holds for this layer (PEFT names): `adapter_state`, unless the method
+        saves a converted form (PiSSA / OLoRA: the equivalent LoRA on the original base)."""
+        return self.adapter_state()
 
     # -- shared
 

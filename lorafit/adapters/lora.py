@@ -121,6 +121,14 @@ class LoraLinear(AdapterLayer):
             self.reset_magnitude()
         self.finish_init()
 
+    @classmethod
+    def layer_args(cls, settings: dict) -> dict:
+        return {**super().layer_args(settings), "init": settings.get("init", "default")}
+
+    @classmethod
+    def param_count(cls, in_features: int, out_features: int, settings: dict) -> int:
+        return lora_param_count(in_features, out_features, settings["r"], settings["method"] == "dora")
+
     def reset_parameters(self) -> None:
         """A and B as `init` says (default: A Kaiming-uniform as nn.Linear, B zero, so the delta starts at 0)."""
         from lorafit.adapters.init import init_lora

@@ -54,6 +54,30 @@ def attach_lora(model: nn.Module, targets: str | list[str], exclude: Iterable[st
                           dropout=dropout, rslora=rslora, dtype=dtype, **layer_args)
 
 
+def attach_from_settings(model: nn.Module, settings: dict, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Attach the adapter the `adapter:` settings describe (plain data: ``cfg.adapter.model_dump()``).
+
+    Returns:
+        The wrapped module names.
+    """
+    spec = METHODS[settings["method"]]
+    args = spec.layer.layer_args(settings)
+    names = attach_adapter(model, settings["targets"], settings.get("exclude", ()), method=settings["method"],
+                           dtype=dtype, **args)
+    spec.layer.prepare_model(model, lora_layers(model), settings)
+    return names
+
+
+def training_hooks(model: nn.Module, settings: dict, total_steps: int):
+    """The method's additions to the training loop (`base.TrainingHooks`), bound to the model's layers."""
+    return METHODS[settings["method"]].layer.training_hooks(lora_layers(model), settings, total_steps)
+
+
+def method_param_count(in_features: int, out_features: int, settings: dict) -> int:
+    """Trainable parameters the configured method adds to one (out, in) layer."""
+    return METHODS[settings["method"]].layer.param_count(in_features, out_features, settings)
+
+
 def wrap_module(model: nn.Module, name: str, method: str = "lora", **layer_args) -> AdapterLayer:
     """Replace the linear module `name` by `method`'s adapter layer around it.
 
@@ -105,11 +129,15 @@ def unmerge_lora(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------- tensors, PEFT names
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, export: bool = False) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's names: ``base_model.model.<module>.lora_A.weight`` (r, in),
-    ``...lora_B.weight`` (out, r) and so on for each method. Detached, not copied."""
-    return {f"{PEFT_PREFIX}{name}.{key}": t
-            for name, layer in lora_layers(model).items() for key, t in layer.adapter_state().items()}
+    ``...lora_B.weight`` (out, r) and so on for each method. Detached, not copied.
+
+    Args:
+        export: the form saved adapters hold (`AdapterLayer.export_state`), not the training form.
+    """
+    return {f"{PEFT_PREFIX}{name}.{key}": t for name, layer in lora_layers(model).items()
+            for key, t in (layer.export_state() if export else layer.adapter_state()).items()}
 
 
 def adapter_tensors(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
