@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorafit.adapters import attach_lora, lora_layers
 from lorafit.config import ModelConfig
 from lorafit.errors import ModelLoadError
-from lorafit.adapters import attach_lora, lora_layers
 from lorafit.model import (
     ADDED_PAD_TOKEN,
     ensure_pad_token,
@@ -118,3 +118,107 @@ def test_prepare_for_kbit_training_then_lora_trains_with_checkpointing(tiny_mode
     assert all(m.lora_A.weight.grad is not None and m.lora_B.weight.grad.abs().sum() > 0
                for m in lora_layers(model).values())
     assert not any(p.grad is not None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2_dir(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer Gemma 2 (logit soft-capping: transformers declares no sdpa support for it), fp32, saved."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    path = tmp_path_factory.mktemp("tiny-gemma2")
+    Gemma2ForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _no_weight_loading(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the attention choice was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_auto_attention_is_sdpa_for_llama_and_eager_for_gemma2(tiny_model_dir, tiny_gemma2_dir, tiny_tokenizer,
+                                                               monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import lorafit.model
+
+    monkeypatch.setattr(lorafit.model, "flash_attention_missing", lambda: "flash-attn is not installed")  # any machine
+
+    llama = load_model(str(tiny_model_dir))  # the default: model.attention auto
+    assert ModelConfig(path="x").attention == "auto"
+    assert llama.config._attn_implementation == "sdpa"
+    gemma = load_model(str(tiny_gemma2_dir), dtype="float32")
+    assert gemma.config._attn_implementation == "eager"
+    # the same logits as transformers' own eager model: auto changed the implementation, not the math
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_gemma2_dir), attn_implementation="eager").eval()
+    ids = _ids(len(tiny_tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(gemma(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("choice,needle", [
+    ("sdpa", "Gemma2ForCausalLM does not support sdpa; it supports flash_attention_2, eager (or use auto)"),
+    ("flash_attention_2", "flash_attention_2 cannot run here"),
+])
+def test_explicit_attention_the_model_cannot_use_is_refused_before_loading_weights(tiny_gemma2_dir, monkeypatch,
+                                                                                    choice, needle):
+    import lorafit.model
+
+    monkeypatch.setattr(lorafit.model, "flash_attention_missing", lambda: "no CUDA GPU")
+    _no_weight_loading(monkeypatch)
+    with pytest.raises(ModelLoadError, match="model.attention: ") as err:
+        load_model(str(tiny_gemma2_dir), attention=choice)
+    assert needle in str(err.value)
+
+
+def test_attention_choice_prefers_flash_then_sdpa_then_eager():
+    from transformers import Gemma2ForCausalLM, LlamaForCausalLM
+
+    from lorafit.model import choose_attention, supported_attention
+
+    llama, gemma = supported_attention(LlamaForCausalLM), supported_attention(Gemma2ForCausalLM)
+    assert llama == ("flash_attention_2", "sdpa", "eager") and gemma == ("flash_attention_2", "eager")
+    pick = lambda sup, half=True, missing=None: choose_attention("auto", sup, half, "M", missing).implementation  # noqa: E731
+    assert pick(llama) == "flash_attention_2"  # installed, on a GPU, bf16
+    assert pick(llama, half=False) == "sdpa"  # FA2 has no fp32 kernels
+    assert pick(llama, missing="no CUDA GPU") == "sdpa"
+    assert pick(gemma, missing="flash-attn is not installed") == "eager"
+    assert pick(gemma) == "flash_attention_2"
+    choice = choose_attention("auto", gemma, True, "Gemma2ForCausalLM", "flash-attn is not installed")
+    assert choice.describe() == ("eager attention (auto; flash_attention_2: flash-attn is not installed; "
+                                 "no sdpa in Gemma2ForCausalLM)")
+    assert choose_attention("eager", llama, True, "M", "no CUDA GPU").describe() == "eager attention"
+
+
+def test_validate_shows_the_attention_auto_picks_and_refuses_an_unusable_one(tmp_path, tiny_gemma2_dir, capsys,
+                                                                             monkeypatch):
+    import lorafit.model
+    from lorafit.cli import main
+
+    monkeypatch.setattr(lorafit.model, "flash_attention_missing", lambda: "flash-attn is not installed")
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    config = tmp_path / "gemma.yaml"
+    config.write_text(f"model: {{path: {tiny_gemma2_dir}}}\ndata: {{train: [{{path: {data}, format: alpaca}}]}}\n"
+                      f"output: {{dir: {tmp_path / 'run'}}}\n")
+    with pytest.raises(SystemExit) as info:
+        main(["validate", str(config)])
+    out = " ".join(capsys.readouterr().out.split())  # the plan table may wrap long lines
+    assert info.value.code == 0 and "eager attention (auto;" in out and "no sdpa in Gemma2ForCausalLM" in out
+    with pytest.raises(SystemExit) as info:
+        main(["validate", str(config), "model.attention=sdpa"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and "does not support sdpa; it supports flash_attention_2, eager" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
