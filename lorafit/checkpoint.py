@@ -163,8 +163,14 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         raise RunDirError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise RunDirError(f"{path}: expected a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise RunDirError(f"{path}: peft_type is {config['peft_type']!r}; lorafit loads LoRA and DoRA adapters only")
+    from lorafit.adapters import peft_types
+
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type not in peft_types():
+        raise RunDirError(f"{path}: peft_type is {peft_type!r}; lorafit loads {', '.join(peft_types())} adapters "
+                          f"(load this one with PEFT)")
+    if peft_type != "LORA":
+        return config  # the method's own loader checks its keys
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), int | float) or config[key] <= 0:
             raise RunDirError(f"{path}: {key} must be a positive number (got {config.get(key)!r})")
@@ -241,6 +247,11 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
 
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
+    if config.get("peft_type", "LORA") != "LORA":  # VERA, ADALORA ...: the method's layer class loads it
+        from lorafit.adapters import layer_for_peft_type
+
+        return layer_for_peft_type(config["peft_type"]).load_peft(model, adapter_dir, config, _read_tensors(adapter_dir),
+                                                                  dropout=dropout)
     grouped = _group_by_module(_read_tensors(adapter_dir))
     if not grouped:
         raise RunDirError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")

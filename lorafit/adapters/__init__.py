@@ -20,7 +20,7 @@ from lorafit.adapters.base import (
     quantize_roundtrip,
 )
 from lorafit.adapters.lora import LoraLinear, delta_weight, dora_factor, lora_param_count, lora_scale, row_norm
-from lorafit.adapters.registry import METHODS, Method
+from lorafit.adapters.registry import METHODS, Method, layer_for_peft_type, peft_types
 from lorafit.adapters.targets import bare_name, bare_named_modules, find_targets, linear_modules, module_kinds
 from lorafit.adapters.wrap import (
     ParamReport,
@@ -47,8 +47,8 @@ __all__ = [
     "AdapterLayer", "LoraLinear", "METHODS", "Method", "PEFT_PREFIX", "ParamReport", "TrainingHooks",
     "adapter_tensors", "attach_adapter", "attach_from_settings", "attach_lora", "bare_name", "bare_named_modules",
     "delta_weight", "dequantized_weight", "dora_factor", "find_targets", "group_by_module", "is_quantized",
-    "linear_modules", "load_lora_state_dict", "logical_numel", "lora_layers", "lora_param_count", "lora_scale",
-    "lora_state_dict", "merge_lora", "method_param_count", "module_kinds", "param_groups", "param_report",
-    "quantize_roundtrip", "row_norm", "split_adapter_key", "training_hooks", "unmerge_lora", "unwrap_lora",
-    "wrap_module",
+    "layer_for_peft_type", "linear_modules", "load_lora_state_dict", "logical_numel", "lora_layers",
+    "lora_param_count", "lora_scale", "lora_state_dict", "merge_lora", "method_param_count", "module_kinds",
+    "param_groups", "param_report", "peft_types", "quantize_roundtrip", "row_norm", "split_adapter_key",
+    "training_hooks", "unmerge_lora", "unwrap_lora", "wrap_module",
 ]

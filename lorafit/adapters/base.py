@@ -211,6 +211,21 @@ class AdapterLayer(nn.Module):
         """What this method adds to the training loop (see `TrainingHooks`)."""
         return TrainingHooks()
 
+    @classmethod
+    def load_peft(cls, model: nn.Module, adapter_dir, config: dict, tensors: dict[str, torch.Tensor],
+                  dropout: float | None = None):
+        """Attach and fill this method's layers from a saved adapter whose ``peft_type`` is `cls.peft_type`
+        (PEFT's or lorafit's files). Only methods with their own peft_type define it (LORA-typed adapters are
+        loaded by `lorafit.checkpoint.load_adapter`).
+
+        Returns:
+            `lorafit.checkpoint.AdapterSettings` for the loaded adapter.
+
+        Raises:
+            RunDirError: the files do not describe an adapter this model can take (named).
+        """
+        raise NotImplementedError
+
     def export_state(self) -> dict[str, torch.Tensor]:
         """The tensors the saved adapter holds for this layer (PEFT names): `adapter_state`, unless the method
         saves a converted form (PiSSA / OLoRA: the equivalent LoRA on the original base)."""

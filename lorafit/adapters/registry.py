@@ -35,3 +35,13 @@ def tensor_kinds() -> tuple[str, ...]:
     """Every PEFT tensor kind a registered method saves (``lora_A``, ``lora_B`` ...), longest first."""
     kinds = {k for cls in layer_classes() for k in cls.tensor_kinds}
     return tuple(sorted(kinds, key=len, reverse=True))
+
+
+def peft_types() -> tuple[str, ...]:
+    """The ``peft_type`` values of adapters lorafit can load (LORA first)."""
+    return tuple(dict.fromkeys(["LORA", *(cls.peft_type for cls in layer_classes())]))
+
+
+def layer_for_peft_type(peft_type: str) -> type[AdapterLayer]:
+    """The layer class that loads a saved adapter of this ``peft_type`` (not LORA: `checkpoint.load_adapter`)."""
+    return next(cls for cls in layer_classes() if cls.peft_type == peft_type)
