@@ -4,6 +4,7 @@ saved folder is a plain Hugging Face model, and bad output folders are refused."
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -231,3 +232,64 @@ def test_randomized_adapter_differs_from_zero(tiny_model):  # guards the fixture
     attach_lora(tiny_model, "all-linear", r=R, alpha=ALPHA)
     randomize_adapter(tiny_model)
     assert all(layer.lora_B.weight.abs().sum() > 0 for layer in lora_layers(tiny_model).values())
+
+
+# ------------------------------------------------------------------------------------------------ dtype and faults
+
+
+def test_merge_saves_the_runs_dtype_by_default_and_a_float32_run_equals_its_adapter(tmp_path, tiny_model_dir,
+                                                                                    tiny_tokenizer, ids, capsys):
+    from safetensors.torch import load_file
+
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer)  # model.dtype float32
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(run), "--out", str(tmp_path / "merged")])  # no --dtype
+    assert info.value.code == 0, capsys.readouterr().err
+    saved = {}
+    for shard in (tmp_path / "merged").glob("*.safetensors"):
+        saved.update(load_file(shard))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float32"
+    expected = _logits(_adapter_model(tiny_model_dir, run / "adapter"), ids)
+    assert _rel(_logits(_load(tmp_path / "merged"), ids), expected) < 1e-5  # measured ~1e-7; bfloat16 gave ~1e-2
+
+
+def test_default_dtype_is_the_runs_or_the_bases_config_json(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from lorafit.merge import saved_dtype
+    from lorafit.sources import resolve_source
+
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer)
+    assert saved_dtype(resolve_source(run)) == "float32"
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("dtype: float32", "dtype: float16", 1))
+    assert saved_dtype(resolve_source(run)) == "float16"
+    # a bare PEFT adapter (no lorafit.yaml): the dtype its base's config.json records
+    bf16_base = tmp_path / "bf16-base"
+    _load(tiny_model_dir).to(torch.bfloat16).save_pretrained(bf16_base)
+    adapter = tmp_path / "peft-adapter"
+    shutil.copytree(run / "adapter", adapter, ignore=shutil.ignore_patterns("lorafit.yaml"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(bf16_base)}))
+    assert saved_dtype(resolve_source(adapter)) == "bfloat16"
+    config["base_model_name_or_path"] = str(tiny_model_dir)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert saved_dtype(resolve_source(adapter)) == "float32"
+
+
+def test_disk_full_while_saving_the_merged_model_is_one_line_and_leaves_nothing(tmp_path, run, monkeypatch, capsys):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):  # what safetensors (Rust) raises when the disk fills during save_pretrained
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(run), "--out", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert info.value.code == 1
+    assert line.startswith(f"error: no space left on device while writing the merged model to {tmp_path / 'merged'}")
+    assert "free space" in line and "run the merge again" in line
+    assert "lorafit failure" not in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.tmp-*"))
