@@ -331,4 +331,5 @@ def test_auto_checkpointing_prints_its_choice_and_trains(tmp_path, learnable_mod
     assert train(config) == 0
     out = capsys.readouterr().out
     assert "gradient checkpointing (auto): off (estimated" in out  # a tiny model in this machine's RAM
+    assert "(float32, sdpa attention (auto))" in out  # the run header: model.attention auto; no FA2 in float32
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
