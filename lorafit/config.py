@@ -156,7 +156,7 @@ class DataConfig(_Section):
     train_on_prompt: bool = False  # false: loss only on responses / assistant turns (and their EOS)
     chat_template: str | None = None  # overrides the tokenizer's template for format: chat
     prompt_template: str | None = None  # alpaca: overrides the default template ({instruction}, {input})
-    num_proc: Int | None = Field(None, ge=1)  # tokenization processes; null: the machine's cores for large sources
+    num_proc: Int | None = Field(None, ge=1)  # tokenization processes; null: one (a fast tokenizer uses every core)
     streaming: bool = False  # format text: tokenize and pack on the fly (corpora larger than RAM)
 
 

@@ -38,6 +38,7 @@ class Progress:
     supervised: int = 0  # tokens with a loss term (all processes)
     elapsed: float = 0.0  # seconds of training before this process started
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, int] = field(default_factory=dict)  # data.streaming: where the stream stands
 
 
 # ------------------------------------------------------------------------------------------------ run dir
@@ -265,7 +266,8 @@ def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler,
     def seal() -> None:
         state = {"step": progress.step, "tokens": progress.tokens, "supervised": progress.supervised,
                  "elapsed": progress.elapsed, "world_size": accelerator.num_processes,
-                 "fsdp": parallel.is_sharded(model), "metrics": progress.metrics, "files": _file_records(tmp)}
+                 "fsdp": parallel.is_sharded(model), "metrics": progress.metrics, "files": _file_records(tmp),
+                 "data": progress.data}
         (tmp / "state.json").write_text(json.dumps(state))  # last file in: its presence marks a complete save
         _fsync_dir(tmp)
         if final.exists():  # a step saved twice (interrupt right on a save_every step): the newer wins
@@ -409,7 +411,7 @@ def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler)
     if accelerator.is_main_process:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return Progress(step=state["step"], tokens=state["tokens"], supervised=state["supervised"],
-                    elapsed=state["elapsed"], metrics=metrics)
+                    elapsed=state["elapsed"], metrics=metrics, data=state.get("data") or {})
 
 
 def _newest_whole_checkpoint(run_dir: Path, rank: int):

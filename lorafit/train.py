@@ -225,7 +225,9 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
     model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer)
     _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
-    per_epoch = schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * accelerator.num_processes)
+    streaming = getattr(train_rows, "streaming", False)  # data.streaming: rows made on the fly; max_steps is set
+    per_epoch = t.max_steps if streaming else \
+        schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * accelerator.num_processes)
     total_steps = t.max_steps or per_epoch * t.epochs
     hooks = training_hooks(parallel.unwrap(model), cfg.adapter.settings(), total_steps)  # e.g. AdaLoRA's pruning
     disk = runstate.disk_needed(counts.trainable, t.optimizer, t.keep_checkpoints, total_steps, t.save_every)
@@ -240,6 +242,8 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     progress = runstate.Progress()
     if resume:
         progress = runstate.load_training_state(run_dir, accelerator, model, optimizer, scheduler)
+        if streaming:
+            train_rows.seek(progress.data)
     if t.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
@@ -300,12 +304,16 @@ class _Run:
 
         t, acc = self.cfg.train, self.accelerator
         epoch, step_in_epoch = divmod(progress.step, self.per_epoch)
-        order = schedule.epoch_order(len(self.train_rows), t.seed, epoch)
-        ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, acc.process_index,
-                                     acc.num_processes)
-        batches = [collate([self.train_rows[i] for i in mb], pad_id=self.tokenizer.pad_token_id, flatten=self.flatten)
-                   for mb in ids]
-        real = sum(len(self.train_rows[i]) for mb in ids for i in mb)
+        if getattr(self.train_rows, "streaming", False):
+            rows = self.train_rows.micro_batches(t.batch_size, t.grad_accum, acc.process_index, acc.num_processes)
+            progress.data = self.train_rows.state()
+        else:
+            order = schedule.epoch_order(len(self.train_rows), t.seed, epoch)
+            ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, acc.process_index,
+                                         acc.num_processes)
+            rows = [[self.train_rows[i] for i in mb] for mb in ids]
+        batches = [collate(mb, pad_id=self.tokenizer.pad_token_id, flatten=self.flatten) for mb in rows]
+        real = sum(len(r) for mb in rows for r in mb)
         self.model.train()
         loss, grad_norm, supervised, tokens = _train_step(self.model, self.optimizer, batches, real, acc,
                                                           t.max_grad_norm, self.hooks)

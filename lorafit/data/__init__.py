@@ -75,11 +75,12 @@ from lorafit.data.sources import (
     read_source,
 )
 from lorafit.data.store import ExampleSet, TokenStore
+from lorafit.data.stream import TextStream, build_stream
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "IGNORE_INDEX", "REQUIRED_COLUMNS", "ROLES", "SHAREGPT_ROLES", "SUFFIXES",
-    "DataAudit", "Example", "ExampleSet", "MixPart", "Prepared", "Row", "Rows", "SourceStats", "TokenStore",
-    "alpaca_prompt", "batch_example_tokens", "build_datasets", "cache_key", "causal_lm_loss", "chat_tokens",
+    "DataAudit", "Example", "ExampleSet", "MixPart", "Prepared", "Row", "Rows", "SourceStats", "TextStream", "TokenStore",
+    "alpaca_prompt", "batch_example_tokens", "build_datasets", "build_stream", "cache_key", "causal_lm_loss", "chat_tokens",
     "check_audit", "check_row", "collate", "count_rows", "default_cache_dir", "end_token_ids", "example_tokens",
     "iter_source", "labels_from_spans", "length_histogram", "load_source", "machine_lock", "make_audit", "make_row",
     "make_rows", "pack", "prepare_examples", "print_data_report", "prompt_response_tokens", "read_source",

@@ -247,11 +247,16 @@ def build_datasets(data_cfg: DataConfig, tokenizer, *, seed: int,
 
     Returns:
         (train rows, eval rows (empty without eval data), audit). Rows are list-like views over memory-mapped
-        token stores: `len`, indexing (a `Row`), slicing.
+        token stores: `len`, indexing (a `Row`), slicing. With `data.streaming`: a `TextStream` (its
+        `micro_batches` give each step's rows), the eval rows, and no audit (None).
 
     Raises:
         DataError: bad sources or rows, or data that fails the audit (see `check_audit`).
     """
+    if data_cfg.streaming:
+        from lorafit.data.stream import build_stream
+
+        return build_stream(data_cfg, tokenizer, seed=seed, cache_dir=cache_dir)
     prepared = prepare_examples(data_cfg, tokenizer, seed=seed, cache_dir=cache_dir)
     train = make_rows(prepared.train, data_cfg.max_length, data_cfg.packing)
     audit = make_audit(prepared, train, data_cfg.max_length)

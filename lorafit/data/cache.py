@@ -101,6 +101,11 @@ def encode_chunk(rows: list[tuple[str, dict[str, Any]]], first_row: int, tokeniz
 _WORKER: tuple | None = None  # (tokenizer, fmt, data_cfg, end_ids), inherited by forked workers
 
 
+def _worker_start() -> None:
+    # Each worker encodes on one core: the processes are the parallelism (Rust threads in each would oversubscribe).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _encode_in_worker(rows: list, first_row: int) -> Chunk:
     return encode_chunk(rows, first_row, *_WORKER)
 
@@ -118,7 +123,7 @@ def _encode_all(rows: Iterator, processes: int, tokenizer, fmt: str, data_cfg: D
     global _WORKER
     _WORKER = (tokenizer, fmt, data_cfg, end_ids)
     try:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
+        with multiprocessing.get_context("fork").Pool(processes, initializer=_worker_start) as pool:
             pending: deque = deque()
             for first, part in chunks:
                 pending.append(pool.apply_async(_encode_in_worker, (part, first)))
@@ -130,11 +135,12 @@ def _encode_all(rows: Iterator, processes: int, tokenizer, fmt: str, data_cfg: D
         _WORKER = None
 
 
-def _processes(num_proc: int | None, rows: int | None) -> int:
-    """`data.num_proc`, or by default the machine's cores for a large source (one process for a small one)."""
+def _processes(num_proc: int | None, rows: int | None, tokenizer) -> int:
+    """`data.num_proc`; by default one process for a fast tokenizer (its batch encoding already runs on every core)
+    or a small source, else the machine's cores (at most 8)."""
     if num_proc is not None:
         return num_proc
-    if rows is None or rows < POOL_ABOVE:
+    if getattr(tokenizer, "is_fast", False) or rows is None or rows < POOL_ABOVE:
         return 1
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
@@ -151,7 +157,7 @@ def build_store(path: Path, source: DataSource, hub, tokenizer, data_cfg: DataCo
     writer = StoreWriter(path)
     try:
         with _progress_bar(total or 0, f"tokenizing {source.path}") as advance:
-            for chunk in _encode_all(iter_source(source, hub), _processes(data_cfg.num_proc, total), tokenizer,
+            for chunk in _encode_all(iter_source(source, hub), _processes(data_cfg.num_proc, total, tokenizer), tokenizer,
                                      source.format, data_cfg, end_ids):
                 writer.append(chunk)
                 if advance is not None:
