@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 import typer.exceptions
 
-from lorafit.errors import LorafitError, TrainingStopped
+from lorafit.errors import LorafitError, TrainingStopped, disk_full_reason
 
 app = typer.Typer(
     name="lorafit",
@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug, not the user's fault: say so, keep it short unless asked
         if debug:
             traceback.print_exc()
+        elif disk_full_reason(e):  # a write the disk refused outside lorafit's guarded saves: not a bug either
+            print(f"error: {disk_full_reason(e)} ({e.__class__.__name__}: {str(e).strip().splitlines()[0]}); free "
+                  f"space and run the command again (lorafit train ... --resume continues a run from its newest "
+                  f"checkpoint)", file=sys.stderr)
         else:
             print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
             print("This is a lorafit failure, not a problem with your input. Run again with --debug for the "

@@ -306,7 +306,10 @@ def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, f
             device_map=device_map)
     except ImportError as e:  # e.g. bitsandbytes missing
         raise ModelLoadError(f"model: {_first_line(e)}") from None
-    except (OSError, ValueError, KeyError, SafetensorError) as e:  # SafetensorError: e.g. a weight file cut short
+    except SafetensorError as e:  # a weight file cut short or corrupted after it was written
+        raise ModelLoadError(f"model.path: {src.path}: a weight file is damaged or incomplete ({_first_line(e)}); "
+                             f"copy or download the model again") from None
+    except (OSError, ValueError, KeyError) as e:
         raise _load_error("model", src, e) from None
     if tokenizer is not None:
         align_model_with_tokenizer(model, tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections import namedtuple
 from pathlib import Path
 
@@ -222,3 +223,32 @@ def test_resume_counts_the_checkpoints_already_on_disk(tmp_path):
         runstate._check_free_space(run, need, existing=2)
         with pytest.raises(runstate.RunDirError, match="free on its disk"):
             runstate._check_free_space(run, need, existing=0)
+
+
+def test_a_damaged_base_model_file_is_reported_as_such(tmp_path, tiny_model_dir):
+    from lorafit.errors import ModelLoadError
+    from lorafit.model import load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="a weight file is damaged or incomplete") as err:
+        load_model(str(model_dir), dtype="float32")
+    assert str(model_dir) in str(err.value) and "copy or download the model again" in str(err.value)
+
+
+def test_any_other_write_the_disk_refuses_is_not_reported_as_a_lorafit_bug(tmp_path, learnable_model_dir,
+                                                                          monkeypatch, capsys):
+    from lorafit.reporting import RunReporter
+
+    def full(self, row, log):  # e.g. appending to metrics.jsonl on a full disk
+        raise _enospc()
+
+    monkeypatch.setattr(RunReporter, "step", full)
+    config = make_config(tmp_path, learnable_model_dir, max_steps=2)
+    assert train(config) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: no space left on device (OSError: ") and "free space and run the command again" in line
+    assert "lorafit failure" not in err and "Traceback" not in err
