@@ -20,7 +20,7 @@ install:
 		$(PYTHON) -m venv $(VENV); \
 		$(BIN)/pip install --quiet "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,serve]"
 	@$(BIN)/python -c "import torch, transformers, lorafit; print(f'lorafit {lorafit.__version__}: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}')"
 
 test:
