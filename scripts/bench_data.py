@@ -1,12 +1,13 @@
 """lorafit's data stage vs `datasets.map(batched=True)`: time and peak memory to tokenize an Alpaca-style file.
 
-    .venv/bin/python scripts/bench_data.py --rows 10000 100000          # ~3 min on 2 cores
+    .venv/bin/python scripts/bench_data.py --rows 10000 100000          # ~2 min on 2 cores
     .venv/bin/python scripts/bench_data.py --rows 1000000 --skip-baseline
 
 Each measurement is a separate process (this script with `--role`), so imports, caches and memory are its own:
 
 - `lorafit`: `prepare_examples` + packing + label audit with an empty cache (what `lorafit data` and the start of
-  `lorafit train` do), at the default `data.num_proc`; `lorafit-1proc` the same with num_proc 1;
+  `lorafit train` do), at the default `data.num_proc` (one process: the fast tokenizer uses every core);
+  `lorafit-2proc` (with --workers) the same with two worker processes;
 - `lorafit-cached`: the same again on the cache the `lorafit` run left (a second start);
 - `datasets`: `load_dataset("json")` + `.map(batched=True)` with the same fast tokenizer, template, response-only
   labels and EOS, into an empty datasets cache (its default: one process; the fast tokenizer uses every core).
@@ -33,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vi", "del", "quo", "an", "ber", "is", "ul", "ph", "ex", "str",
              "on", "ta", "ne", "mor", "gi", "cal", "ent", "ly", "tion", "pre", "um", "or", "ax", "we"]
-ROLES = ("lorafit", "lorafit-1proc", "lorafit-cached", "datasets")
+ROLES = ("lorafit", "lorafit-2proc", "lorafit-cached", "datasets")
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -114,7 +115,7 @@ def child(role: str, data: Path, tokenizer_dir: Path, cache: Path, dump: Path | 
     if role == "datasets":
         out = run_datasets(data, tokenizer, cache, dump)
     else:
-        out = run_lorafit(data, tokenizer, cache, 1 if role == "lorafit-1proc" else None, dump)
+        out = run_lorafit(data, tokenizer, cache, 2 if role == "lorafit-2proc" else None, dump)
     out["seconds"] = time.perf_counter() - start
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["worker_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -140,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--skip-baseline", action="store_true", help="lorafit only (e.g. for 1M rows)")
+    ap.add_argument("--workers", action="store_true", help="also lorafit with num_proc 2 (worker processes)")
     ap.add_argument("--role", choices=ROLES)
     ap.add_argument("--data", type=Path)
     ap.add_argument("--tokenizer", type=Path)
@@ -160,12 +162,13 @@ def main() -> None:
             check = i == 0 and not args.skip_baseline
             cold = measure("lorafit", data, tok, tmp / f"c-{n}", tmp / "l.json" if check else None)
             warm = measure("lorafit-cached", data, tok, tmp / f"c-{n}")
-            one = measure("lorafit-1proc", data, tok, tmp / f"c1-{n}")
             print(f"| {n:,} | {cold['tokens']:,} | lorafit (default num_proc) | {cold['seconds']:.1f} | "
                   f"{cold['peak_rss_mb']:.0f} ({cold['worker_rss_mb']:.0f}) | {warm['seconds']:.2f} | "
                   f"{warm['peak_rss_mb']:.0f} |", flush=True)
-            print(f"| {n:,} | {one['tokens']:,} | lorafit num_proc 1 | {one['seconds']:.1f} | "
-                  f"{one['peak_rss_mb']:.0f} | | |", flush=True)
+            if args.workers:
+                two = measure("lorafit-2proc", data, tok, tmp / f"c2-{n}")
+                print(f"| {n:,} | {two['tokens']:,} | lorafit num_proc 2 | {two['seconds']:.1f} | "
+                      f"{two['peak_rss_mb']:.0f} ({two['worker_rss_mb']:.0f}) | | |", flush=True)
             if not args.skip_baseline:
                 base = measure("datasets", data, tok, tmp / f"d-{n}", tmp / "d.json" if check else None)
                 print(f"| {n:,} | {base['tokens']:,} | datasets.map(batched=True) | {base['seconds']:.1f} | "
