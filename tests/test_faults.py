@@ -252,3 +252,44 @@ def test_any_other_write_the_disk_refuses_is_not_reported_as_a_lorafit_bug(tmp_p
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: no space left on device (OSError: ") and "free space and run the command again" in line
     assert "lorafit failure" not in err and "Traceback" not in err
+
+
+RANK_1_DISK_FULL = """
+import errno, os, sys
+import torch
+
+real_save = torch.save
+
+def save(obj, f, *args, **kwargs):  # rank 1's disk fills while it writes its RNG state into the step-4 checkpoint
+    if os.environ.get("RANK") == "1" and str(getattr(f, "name", "")).endswith("step-000004/rng-1.pt"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+from lorafit.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_on_one_of_two_processes_stops_both_with_one_message(tmp_path, learnable_model_dir):
+    import subprocess
+    import sys
+
+    from test_distributed import torchrun
+
+    script = tmp_path / "rank1_full.py"
+    script.write_text(RANK_1_DISK_FULL)
+    config = make_config(tmp_path, learnable_model_dir, max_steps=6, save_every=2, batch_size=2, keep_checkpoints=3)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "train", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a hang would time out
+    assert done.returncode != 0
+    run = tmp_path / "run"
+    assert f"error: no space left on device while writing checkpoint {run / 'checkpoints' / 'step-000004'}" \
+        in done.stderr
+    assert "lorafit failure" not in done.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    torchrun(config, "--resume")
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3, 4, 5, 6]
