@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench.py --size small               # CPU, ~25M-parameter Llama, one epoch (~5 min)
     .venv/bin/python scripts/bench.py --size tiny --repeats 3    # the tests' tiny Llama, seconds per run
-    python scripts/bench.py --size 8b [--qlora]                  # one GPU: Llama-3.1-8B shape, bf16, seq 2048, MFU
+    python scripts/bench.py --size 8b [--qlora] [--steps 20]     # one GPU: Llama-3.1-8B shape, bf16, seq 2048, MFU
 
 Each run is a separate process (`python -m lorafit train CONFIG`, or this script with `--role baseline`); the order
 alternates between repeats so that a busy machine hurts both sides alike. Both sides train one epoch of the same
@@ -12,10 +12,12 @@ grad-norm clip and seed. "Batch": the baseline takes `batch` examples per step p
 (DataCollatorForSeq2Seq, random order: no length grouping); lorafit takes packed rows of up to max_length tokens,
 as many as make about the same number of optimizer steps per epoch (at least one row). Weights are random (built
 here and saved to a temp dir) and the tokenizer is a byte-level BPE trained in-process: the timings need shapes, not
-knowledge.
+knowledge. With `--weights random` (the default for 8b) only config.json is written: each side builds the random
+weights on its device at load time (`use_random_weights`), so no 16 GB checkpoint is written or read.
 
 Reported per side (median over repeats): train time (the training loop), process wall time, real (non-pad) and
-padded tokens/s, peak memory (the child's peak RSS, VmHWM, on CPU; torch max allocated on GPU), and the final loss
+padded tokens/s, steady tokens/s (real tokens after the first step, which
+pays for warm-up), peak memory (the child's peak RSS, VmHWM, on CPU; torch max allocated on GPU), and the final loss
 (mean step loss over the last 10% of steps). On a GPU also MFU = tokens/s × FLOPs per token / peak FLOP/s with
 
     FLOPs per token = 4·N + 12·L·d·s̄
@@ -24,7 +26,7 @@ N = parameters of every matmul (all linear layers and the output head; the embed
 (2N) + backward to the activations (2N): frozen base weights get no weight gradient; LoRA's own FLOPs (< 1%) are left
 out. 12·L·d·s̄ is causal attention (QKᵀ and AV, 4·s·d forward, twice that backward) over L layers of width
 d = heads × head_dim, s̄ = mean number of attended positions per token in its own example (packing does not widen
-it). Both sides are charged the same formula, so the MFU ratio equals the tokens/s ratio.
+it). Both sides are charged the same formula, so the MFU ratio equals the steady tokens/s ratio.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+RANDOM_WEIGHTS = "RANDOM_WEIGHTS.json"  # marker in a model folder whose weights are built at load
 SIZES = {
     # the tests' tiny Llama (tests/conftest.py)
     "tiny": dict(model=dict(vocab_size=384, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
@@ -116,13 +119,21 @@ def build_tokenizer(texts: list[str], vocab_size: int):
                                    pad_token="<unk>")
 
 
-def build_model(out: Path, shape: dict, dtype: str) -> int:
-    """Save a random-weight Llama of `shape` in `dtype` to `out`; returns its parameter count."""
+def build_model(out: Path, shape: dict, dtype: str, weights: str = "saved") -> int:
+    """Save a random-weight Llama of `shape` in `dtype` to `out`; returns its parameter count.
+
+    weights "random": save config.json and a `RANDOM_WEIGHTS` marker only; `use_random_weights` builds them at load.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
                       tie_word_embeddings=False)
+    if weights == "random":
+        cfg.save_pretrained(out)
+        (out / RANDOM_WEIGHTS).write_text(json.dumps({"dtype": dtype, "seed": 0}))
+        with torch.device("meta"):
+            return sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):  # an 8B model is built (and initialised) on the GPU in seconds
@@ -131,7 +142,45 @@ def build_model(out: Path, shape: dict, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_assets(work: Path, size: str, epochs: int, qlora: bool, examples: int | None = None) -> dict:
+def use_random_weights(model_dir: Path) -> None:
+    """Make `AutoModelForCausalLM.from_pretrained(model_dir, ...)` build seeded random weights on this process's
+    device instead of reading files (`build_model(weights="random")` wrote none); other paths load as usual.
+
+    The weights go through from_pretrained's own `state_dict` path, so quantization, dtype and device placement
+    are what a real load does. The build's transient memory is dropped from the CUDA peak afterwards.
+    """
+    import gc
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+    target = Path(model_dir).resolve()
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        if not (Path(str(path)).resolve() == target and (target / RANDOM_WEIGHTS).is_file()):
+            return original(cls, path, *args, **kwargs)
+        for key in ("revision", "trust_remote_code"):  # meaningless without a path; from_pretrained(None) refuses some
+            kwargs.pop(key, None)
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(target)
+        model_cls = cls._model_mapping[type(config)]
+        dtype = kwargs.get("dtype") or torch.float32
+        torch.manual_seed(json.loads((target / RANDOM_WEIGHTS).read_text())["seed"])
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            state = model_cls._from_config(config, dtype=dtype).state_dict()
+        model = model_cls.from_pretrained(None, *args, config=config, state_dict=state, **kwargs)
+        del state
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return model
+
+    AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
+
+
+def write_assets(work: Path, size: str, epochs: int, qlora: bool, examples: int | None = None,
+                 weights: str = "saved") -> dict:
     """Model, tokenizer, data and the lorafit config under `work`; returns the run spec both sides read."""
     spec = dict(SIZES[size], examples=examples or SIZES[size]["examples"])
     rows = make_examples(spec["examples"], spec["max_words"])
@@ -140,8 +189,8 @@ def write_assets(work: Path, size: str, epochs: int, qlora: bool, examples: int 
     model_dir = work / "model"
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], spec["model"]["vocab_size"])
     tokenizer.save_pretrained(model_dir)
-    params = build_model(model_dir, spec["model"], spec["dtype"])
-    run = dict(size=size, model=str(model_dir), data=str(data), params=params, epochs=epochs, qlora=qlora,
+    params = build_model(model_dir, spec["model"], spec["dtype"], weights)
+    run = dict(size=size, model=str(model_dir), data=str(data), params=params, epochs=epochs, qlora=qlora, steps=None,
                **{k: v for k, v in spec.items() if k != "model"}, shape=spec["model"])
     (work / "spec.json").write_text(json.dumps(run, indent=1))
     return run
@@ -159,7 +208,7 @@ def lorafit_config(run: dict, rows_per_step: int, out_dir: Path) -> dict:
         "train": {"epochs": run["epochs"], "batch_size": rows_per_step, "grad_accum": 1, "lr": run["lr"],
                   "scheduler": "cosine", "warmup": 0.03, "optimizer": "adamw", "max_grad_norm": 1.0,
                   "precision": run["precision"], "gradient_checkpointing": run["checkpointing"], "seed": 42,
-                  "log_every": 1},
+                  "log_every": 1, "max_steps": run["steps"]},
         "output": {"dir": str(out_dir)},
     }
 
@@ -198,21 +247,53 @@ def role_lorafit(config: Path, result: Path) -> None:
     import runpy
 
     atexit.register(lambda: result.write_text(json.dumps({"peak_rss": peak_rss_bytes()})))
+    from lorafit.config import load_config
+
+    use_random_weights(Path(load_config(config).config.model.path))
     sys.argv = ["lorafit", "train", str(config)]
     runpy.run_module("lorafit", run_name="__main__", alter_sys=True)
 
 
 class CountingCollator:
-    """DataCollatorForSeq2Seq that also counts real (attention_mask) and padded (B × T) tokens."""
+    """DataCollatorForSeq2Seq that also counts real (attention_mask) and padded (B × T) tokens, and each batch's."""
 
     def __init__(self, inner):
-        self.inner, self.real, self.padded = inner, 0, 0
+        self.inner, self.real, self.padded = inner, [], []
 
     def __call__(self, features):
         batch = self.inner(features)
-        self.real += int(batch["attention_mask"].sum())
-        self.padded += batch["input_ids"].numel()
+        self.real.append(int(batch["attention_mask"].sum()))
+        self.padded.append(batch["input_ids"].numel())
         return batch
+
+
+def step_clock():
+    """A TrainerCallback that records when each optimizer step ends (after the GPU finished it)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def steady_tok_s(tokens: list[int], ends: list[float]) -> float | None:
+    """Real tokens per second after the first step: tokens of steps 2..N over the time from step 1's end to N's.
+
+    Args:
+        tokens: each step's real tokens.
+        ends: each step's end time (any clock; only differences count).
+    """
+    if len(ends) < 2 or ends[-1] <= ends[0]:
+        return None
+    return sum(tokens[1:len(ends)]) / (ends[-1] - ends[0])
 
 
 def baseline_model(run: dict):
@@ -223,9 +304,11 @@ def baseline_model(run: dict):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16) if run["qlora"] else None
+    device_map = {"": 0} if torch.cuda.is_available() else ("cpu" if quant else None)
+    use_random_weights(Path(run["model"]))
     model = AutoModelForCausalLM.from_pretrained(run["model"], dtype=getattr(torch, run["dtype"]),
                                                  attn_implementation="sdpa", quantization_config=quant,
-                                                 device_map={"": 0} if torch.cuda.is_available() else None)
+                                                 device_map=device_map)
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=run["checkpointing"])
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -248,6 +331,8 @@ def role_baseline(work: Path, result: Path) -> None:
     collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     gpu = torch.cuda.is_available()
     total = math.ceil(len(rows) / run["batch"]) * run["epochs"]
+    if run["steps"]:
+        total = min(total, run["steps"])
     args = TrainingArguments(
         output_dir=str(work / "baseline-out"), per_device_train_batch_size=run["batch"], gradient_accumulation_steps=1,
         num_train_epochs=run["epochs"], learning_rate=run["lr"], lr_scheduler_type="cosine",
@@ -255,14 +340,19 @@ def role_baseline(work: Path, result: Path) -> None:
         optim="adamw_torch_fused" if gpu else "adamw_torch", bf16=run["precision"] == "bf16", use_cpu=not gpu,
         gradient_checkpointing=run["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="random", logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        seed=42, data_seed=42, dataloader_num_workers=0, remove_unused_columns=False)
-    trainer = Trainer(model=baseline_model(run), args=args, train_dataset=dataset, data_collator=collator)
+        seed=42, data_seed=42, dataloader_num_workers=0, remove_unused_columns=False, max_steps=total)
+    clock = step_clock()
+    trainer = Trainer(model=baseline_model(run), args=args, train_dataset=dataset, data_collator=collator,
+                      callbacks=[clock])
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # the data loader fetches one batch ahead: the collator may have seen one batch more than was trained
+    steps = len(losses)
     result.write_text(json.dumps({
-        "train_s": train_s, "real_tokens": collator.real, "padded_tokens": collator.padded, "steps": len(losses),
+        "train_s": train_s, "real_tokens": sum(collator.real[:steps]), "padded_tokens": sum(collator.padded[:steps]),
+        "steps": steps, "steady_tok_s": steady_tok_s(collator.real, clock.ends),
         "losses": losses, "gpu_peak": torch.cuda.max_memory_allocated() if gpu else None,
         "peak_rss": peak_rss_bytes()}))
 
@@ -280,14 +370,16 @@ def plan(work: Path, run: dict) -> dict:
     base_steps = math.ceil(len(examples) / run["batch"])
     rows_per_step = max(1, round(len(packed) / base_steps))
     per_epoch = schedule.steps_per_epoch(len(packed), rows_per_step)
+    lorafit_steps = min(per_epoch * run["epochs"], run["steps"] or math.inf)
+    baseline_steps = min(base_steps * run["epochs"], run["steps"] or math.inf)
     padded = 0
-    for step in range(per_epoch * run["epochs"]):  # the rows lorafit's loop will take, as it takes them
+    for step in range(lorafit_steps):  # the rows lorafit's loop will take, as it takes them
         epoch, in_epoch = divmod(step, per_epoch)
         order = schedule.epoch_order(len(packed), 42, epoch)
         for mb in schedule.micro_batches(order, in_epoch, rows_per_step, 1, 0, 1):
             padded += len(mb) * max(len(packed[i]) for i in mb)
     return dict(examples=len(examples), rows=len(packed), rows_per_step=rows_per_step, lorafit_padded=padded,
-                lorafit_steps=per_epoch * run["epochs"], baseline_steps=base_steps * run["epochs"],
+                lorafit_steps=lorafit_steps, baseline_steps=baseline_steps,
                 min_len=min(lengths), max_len=max(lengths), mean_len=statistics.mean(lengths),
                 supervised=sum(sum(t != -100 for t in e.labels[1:]) for e in examples) / sum(lengths),
                 mean_context=sum(n * (n + 1) / 2 for n in lengths) / sum(lengths))
@@ -322,8 +414,10 @@ def lorafit_metrics(path: Path) -> dict:
     import torch
 
     gpu = torch.cuda.is_available()
+    real = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + steps, steps)]
     return {"train_s": last["elapsed"], "real_tokens": last["tokens"], "steps": len(steps),
-            "losses": [r["loss"] for r in steps], "gpu_peak": last["memory_gib"] * 2**30 if gpu else None}
+            "losses": [r["loss"] for r in steps], "gpu_peak": last["memory_gib"] * 2**30 if gpu else None,
+            "steady_tok_s": steady_tok_s(real, [r["elapsed"] for r in steps])}
 
 
 def summarize(runs: list[dict], flops_per_token: float | None, peak_flops: float | None) -> dict:
@@ -333,10 +427,11 @@ def summarize(runs: list[dict], flops_per_token: float | None, peak_flops: float
     real = med(lambda r: r["real_tokens"] / r["train_s"])
     out = {"train_s": med(lambda r: r["train_s"]), "wall_s": med(lambda r: r["wall_s"]), "real_tok_s": real,
            "padded_tok_s": med(lambda r: r["padded_tokens"] / r["train_s"]),
+           "steady_tok_s": med(lambda r: r["steady_tok_s"] or r["real_tokens"] / r["train_s"]),
            "peak_gib": med(lambda r: (r["gpu_peak"] or r["peak_rss"]) / 2**30), "final_loss": med(tail),
            "steps": runs[0]["steps"], "each_real_tok_s": [round(r["real_tokens"] / r["train_s"]) for r in runs]}
-    if flops_per_token and peak_flops:
-        out["mfu"] = real * flops_per_token / peak_flops
+    if flops_per_token and peak_flops:  # at the steady rate: the first step's warm-up is not the model's speed
+        out["mfu"] = out["steady_tok_s"] * flops_per_token / peak_flops
     return out
 
 
@@ -364,15 +459,18 @@ def gpu_peak_flops(override_tflops: float | None) -> float | None:
 def table(sides: dict[str, dict]) -> str:
     """A markdown table, one row per side and the lorafit / baseline ratios."""
     mfu = "mfu" in sides["lorafit"]
-    head = ["", "train s", "wall s", "real tok/s", "padded tok/s", "peak mem GiB", "final loss", "steps"]
+    head = ["", "train s", "wall s", "real tok/s", "padded tok/s", "steady tok/s", "peak mem GiB", "final loss",
+            "steps"]
     lines = ["| " + " | ".join(head + (["MFU"] if mfu else [])) + " |", "|" + "---|" * (len(head) + mfu)]
     for name, s in sides.items():
         cells = [name, f"{s['train_s']:.1f}", f"{s['wall_s']:.1f}", f"{s['real_tok_s']:.0f}",
-                 f"{s['padded_tok_s']:.0f}", f"{s['peak_gib']:.2f}", f"{s['final_loss']:.3f}", str(s["steps"])]
+                 f"{s['padded_tok_s']:.0f}", f"{s['steady_tok_s']:.0f}", f"{s['peak_gib']:.2f}", f"{s['final_loss']:.3f}",
+                 str(s["steps"])]
         lines.append("| " + " | ".join(cells + ([f"{s['mfu']:.1%}"] if mfu else [])) + " |")
     a, b = sides["lorafit"], sides["baseline"]
     ratio = ["lorafit / baseline"] + [f"{a[k] / b[k]:.2f}×" for k in
-                                     ("train_s", "wall_s", "real_tok_s", "padded_tok_s", "peak_gib", "final_loss")]
+                                     ("train_s", "wall_s", "real_tok_s", "padded_tok_s", "steady_tok_s", "peak_gib",
+                                      "final_loss")]
     lines.append("| " + " | ".join(ratio + ["", f"{a['mfu'] / b['mfu']:.2f}×" if mfu else ""][: 1 + mfu]) + " |")
     return "\n".join(lines)
 
@@ -396,7 +494,10 @@ def bench(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LORAFIT_CACHE", str(work / "cache"))  # children inherit it: tokenize once
     print(f"building the {args.size} model, tokenizer and data in {work} ...", flush=True)
-    run = write_assets(work, args.size, args.epochs, args.qlora, args.examples)
+    weights = args.weights or ("random" if args.size == "8b" else "saved")
+    run = write_assets(work, args.size, args.epochs, args.qlora, args.examples, weights)
+    run["steps"] = args.steps
+    (work / "spec.json").write_text(json.dumps(run, indent=1))
     (work / "lorafit.yaml").write_text(json.dumps(lorafit_config(run, 1, work / "run"), indent=1))
     p = plan(work, run)
     spec = json.loads((work / "lorafit.yaml").read_text())
@@ -456,7 +557,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="runs per side; the order alternates")
     ap.add_argument("--examples", type=int, default=None, help="training examples (default: the size's own)")
-    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base on both sides (GPU)")
+    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base on both sides")
+    ap.add_argument("--steps", type=int, default=None, help="stop each side after this many optimizer steps")
+    ap.add_argument("--weights", choices=["saved", "random"], default=None,
+                    help="random: build the random weights on the device at load, write none (default for 8b)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--work", default=None, help="working folder (default: a new temp folder, kept)")
     ap.add_argument("--json", default=None, help="also write every measurement here")
@@ -469,8 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         if not torch.cuda.is_available():
             ap.error("--size 8b needs a CUDA GPU (bf16, ~16 GB of weights; ~6 GB with --qlora)")
-    if args.qlora and args.size != "8b":
-        ap.error("--qlora is for --size 8b (bitsandbytes 4-bit training needs a GPU)")
+    if args.qlora and args.size == "small":
+        ap.error("--qlora on --size small: bitsandbytes' CPU 4-bit kernels make that a long run; use tiny or 8b")
     return args
 
 
