@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafit.adapters.adalora import AdaLoraLinear
 from lorafit.adapters.base import AdapterLayer
 from lorafit.adapters.lora import LoraLinear
 
@@ -23,6 +24,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "lora": Method(LoraLinear, {"dora": False}),
     "dora": Method(LoraLinear, {"dora": True}),
+    "adalora": Method(AdaLoraLinear),
 }
 
 
