@@ -132,20 +132,47 @@ def data(
 
 @app.command()
 def merge(
-    source: Path = typer.Argument(..., help="A run directory or an adapter directory.", show_default=False,
-                                  metavar="RUN_OR_ADAPTER_DIR"),
+    sources: list[Path] = typer.Argument(..., help="Run or adapter directories (several: combined).",
+                                         show_default=False, metavar="SOURCE..."),
     out: Path = typer.Option(..., "--out", help="New folder for the merged model (must not exist or be empty).",
                              show_default=False),
     dtype: Optional[SaveDtype] = typer.Option(None, "--dtype", show_default=False,
                                               help="Dtype of the saved weights (default: the run's model.dtype)."),
+    weights: Optional[str] = typer.Option(None, "--weights", show_default=False, metavar="W1,W2,...",
+                                          help="One weight per source (default 1 each)."),
+    combine: Optional[str] = typer.Option(None, "--combine", show_default=False, metavar="sum|ties|dare|svd",
+                                          help="How several sources combine (default sum: base + Σ wᵢ·ΔWᵢ)."),
+    density: float = typer.Option(0.5, "--density", help="ties / dare: the share of each update kept."),
+    rank: Optional[int] = typer.Option(None, "--rank", show_default=False,
+                                       help="svd (and ties / dare with --as-adapter): rank of the result."),
+    as_adapter: bool = typer.Option(False, "--as-adapter", help="Write one PEFT LoRA adapter instead of a model "
+                                                                "(sum: exact, rank Σrᵢ; else rank --rank)."),
+    seed: int = typer.Option(0, "--seed", help="dare: the random drop's seed."),
 ) -> None:
     """Fold an adapter into its base model and save a plain Hugging Face model; verified against the adapter.
+    Several sources of one base are combined (sum, ties, dare, svd), into a model or one adapter.
 
     Example:  lorafit merge runs/tiny-quickstart --out merged/tiny --dtype float32
+    Combined: lorafit merge runs/a runs/b --weights 0.7,0.3 --as-adapter --out adapters/ab
     """
-    from lorafit.merge import merge_adapter
+    from lorafit.merge import CombineOptions, combine_adapters, merge_adapter
 
-    merge_adapter(source, out, dtype=dtype.value if dtype else None)
+    chosen = dtype.value if dtype else None
+    if len(sources) == 1 and weights is None and combine is None and rank is None and not as_adapter:
+        merge_adapter(sources[0], out, dtype=chosen)
+        return
+    options = CombineOptions(weights=_parse_weights(weights), how=combine or "sum", density=density, rank=rank,
+                             as_adapter=as_adapter, seed=seed)
+    combine_adapters(sources, out, options, dtype=chosen)
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise LorafitError(f"--weights {text}: give numbers separated by commas, e.g. --weights 0.7,0.3") from None
 
 
 @app.command(name="eval")

@@ -347,3 +347,330 @@ def _print_report(console, src: Source, report: MergeReport) -> None:
     console.print(f"the adapter changes the base model's logits by {report.adapter_effect:.2e} (max relative)")
     console.print(f"load it with AutoModelForCausalLM.from_pretrained({str(report.out)!r}) or "
                   f"lorafit generate {report.out} --prompt ...")
+
+
+# ------------------------------------------------------------------------------------------ several sources
+
+
+@dataclass
+class CombineOptions:
+    """How `combine_adapters` combines its sources (see `lorafit.combine`)."""
+
+    weights: list[float] | None = None  # one per source; default 1 each
+    how: str = "sum"  # sum | ties | dare | svd
+    density: float = 0.5  # ties / dare: the share of each update kept
+    rank: int | None = None  # svd, and ties / dare written --as-adapter: the rank of the result
+    as_adapter: bool = False  # write one PEFT LoRA adapter instead of a merged model
+    seed: int = 0  # dare's random drop
+
+
+@dataclass
+class CombineReport:
+    """What `combine_adapters` did and measured."""
+
+    out: Path
+    sources: int
+    layers: int  # modules any source adapts
+    how: str
+    rank: int | None  # the written adapter's rank (--as-adapter) or the truncation rank (svd)
+    max_rel_diff: float  # the result vs its reference (see `combine_adapters`)
+    exact: bool  # the result is the combination itself (sum, ties and dare merged), not a rank-R approximation
+    svd_error: float = 0.0  # largest per-layer ||ΔW - BA||_F / ||ΔW||_F of the truncation
+    saved_rel_diff: float | None = None  # merged model: the saved folder vs the in-memory merge
+
+
+def check_combine_options(sources: list[Path], options: CombineOptions, dtype: str | None) -> list[float]:
+    """Refuse contradictory options before anything loads. Returns the weights (default 1 per source).
+
+    Raises:
+        LorafitError: named option and what is allowed (exit 2).
+    """
+    from lorafit.combine import COMBINES
+
+    how, n = options.how, len(sources)
+    if how not in COMBINES:
+        raise LorafitError(f"--combine {how}: must be one of {', '.join(COMBINES)}")
+    weights = options.weights if options.weights is not None else [1.0] * n
+    if len(weights) != n:
+        raise LorafitError(f"--weights: {len(weights)} weight(s) for {n} source(s); give one weight per source, "
+                           f"in the order of the sources")
+    if how in ("ties", "dare") and not 0 < options.density <= 1:
+        raise LorafitError(f"--density {options.density:g}: must be in (0, 1] (the share of each update kept)")
+    if options.rank is not None and options.rank < 1:
+        raise LorafitError(f"--rank {options.rank}: must be >= 1")
+    if how == "svd" and options.rank is None:
+        raise LorafitError("--combine svd: needs --rank R (the rank of the truncated SVD)")
+    if options.as_adapter and how != "sum" and options.rank is None:
+        raise LorafitError(f"--combine {how} --as-adapter: needs --rank R (the combined update is written as its "
+                           f"rank-R truncated SVD; only sum is exact by concatenation)")
+    if options.as_adapter and dtype is not None:
+        raise LorafitError("--dtype: applies to a merged model; --as-adapter writes float32 adapter tensors")
+    if len({s.resolve() for s in sources}) != n:
+        raise LorafitError("SOURCE: the same folder is given twice; give each source once (use --weights to "
+                           "weigh one more)")
+    return list(weights)
+
+
+def _base_key(src: Source) -> tuple:
+    model = src.model
+    path = Path(model.path).expanduser()
+    where = str(path.resolve()) if path.exists() else model.path
+    quant = src.quantization.model_dump() if src.quantization is not None else None
+    return where, model.revision, quant, model.dtype if quant else None
+
+
+def _describe_base(src: Source) -> str:
+    q = src.quantization
+    bits = f"{q.bits}-bit{' ' + q.type if q.bits == 4 else ''}" if q is not None else "full precision"
+    return f"{src.path} (base {src.model.path}, {bits})"
+
+
+def check_same_base(srcs: list[Source]) -> None:
+    """Refuse sources trained on different bases (path, revision, quantization), naming the two that differ.
+
+    Architecture and shapes follow from the path; an adapter whose tensors do not fit is refused when it loads.
+    """
+    first = srcs[0]
+    for other in srcs[1:]:
+        if _base_key(other) != _base_key(first):
+            raise RunDirError(f"the sources do not share one base: {_describe_base(first)} vs "
+                              f"{_describe_base(other)}; combine adapters trained on the same base model")
+
+
+@torch.no_grad()
+def effective_delta(layer) -> torch.Tensor:
+    """What merging `layer` adds to its (full-precision) base weight, float32 (out, in): s·BA for LoRA, W' - W for
+    DoRA and any method whose merged weight is not W + delta(). The base weight is restored bit-exactly."""
+    weight = layer.base_layer.weight
+    before = weight.detach().clone()
+    layer.merge()
+    delta = weight.float() - before.float()
+    layer.unmerge()
+    weight.copy_(before)
+    return delta
+
+
+def detach_adapter_layers(model) -> dict:
+    """Remove the model's adapter layers without merging them (the base layers go back) and return them: each
+    still wraps the model's own base layer, so several adapters can be held on one loaded base."""
+    from lorafit.adapters import lora_layers
+
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        model.set_submodule(name, layer.base_layer)
+    return layers
+
+
+class _Combined(torch.nn.Module):
+    """A reference layer for checks: base(x) + Σ wᵢ·(adapterᵢ(x) - base(x)) through each adapter's own forward
+    (sum), or base(x) + x ΔWᵀ for a given dense update (ties, dare)."""
+
+    def __init__(self, base_layer, parts: list, weights: list[float], delta: torch.Tensor | None = None):
+        super().__init__()
+        self.base_layer, self.parts, self.weights, self.dense = base_layer, parts, weights, delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        if self.dense is not None:
+            return base + torch.nn.functional.linear(x.float(), self.dense).to(base.dtype)
+        return base + sum(w * (layer(x) - base) for layer, w in zip(self.parts, self.weights, strict=True))
+
+
+def _reference_logits(model, per_source: list[dict], weights, dense: dict | None, samples) -> list[torch.Tensor]:
+    names = dict.fromkeys(n for layers in per_source for n in layers)
+    for name in names:
+        parts = [(layers[name], w) for layers, w in zip(per_source, weights, strict=True) if name in layers]
+        base_layer = parts[0][0].base_layer
+        wrapper = _Combined(base_layer, [p[0] for p in parts], [p[1] for p in parts],
+                            None if dense is None else dense[name])
+        model.set_submodule(name, wrapper)
+    try:
+        return logits_of(model, samples)
+    finally:
+        for name in names:
+            model.set_submodule(name, model.get_submodule(name).base_layer)
+
+
+def _is_plain_lora(layer) -> bool:
+    from lorafit.adapters import LoraLinear
+
+    return type(layer) is LoraLinear and not layer.dora
+
+
+def combine_adapters(sources: list[Path], out: Path, options: CombineOptions, dtype: str | None = None,
+                     max_shard_size: str | int = "5GB", console=None) -> CombineReport:
+    """Combine several adapters of one base into a merged model, or (`options.as_adapter`) into one LoRA adapter.
+
+    The base is loaded once in float32 (QLoRA: with the quantize -> dequantize round trip of its training); every
+    source's adapter layers are held on it together, each one's dense update ΔWᵢ is what merging it would add, and
+    each layer's updates are combined by `lorafit.combine`. Checked on the merge sample texts' logits:
+
+    - sum: against base + Σ wᵢ·(adapterᵢ(x) - base(x)), each adapter running its own forward (the formula, not the
+      dense updates), within MERGE_TOLERANCE;
+    - ties / dare: against the base with the combined dense update applied in the forward, within MERGE_TOLERANCE;
+    - svd and --as-adapter ties / dare: the rank-R result is an approximation; its difference to the full
+      combination is reported with each layer's SVD error.
+
+    Raises:
+        LorafitError / RunDirError: bad options, different bases, unusable sources (exit 2; nothing written).
+        MergeVerificationError: an exact result does not reproduce its reference (exit 1; nothing written).
+    """
+    from rich.console import Console
+
+    from lorafit.checkpoint import load_adapter
+
+    console = console or Console(highlight=False)
+    sources, out = [Path(s) for s in sources], Path(out)
+    weights = check_combine_options(sources, options, dtype)
+    srcs = [resolve_source(s) for s in sources]
+    check_same_base(srcs)
+    for s in sources:
+        check_out_dir(out, s)
+    first = srcs[0]
+    dtype = None if options.as_adapter else (dtype or saved_dtype(first))
+    tokenizer = load_source_tokenizer(first)
+    samples = sample_inputs(tokenizer)
+    names = quantized_layer_names(first, samples)[0] if first.quantization else []
+    console.print(f"combining {len(srcs)} adapters ({options.how}, weights "
+                  f"{', '.join(f'{w:g}' for w in weights)}) on {first.model.path} (float32)")
+    model = load_full_precision_base(first, names)
+    per_source = []
+    for src in srcs:
+        load_adapter(model, src.adapter_dir, dropout=0.0)
+        per_source.append(detach_adapter_layers(model))
+    if options.as_adapter and options.how == "sum":
+        _check_concatenable(srcs, per_source)
+    dense = _combined_updates(per_source, weights, options)
+    exact_dense = None if options.how == "sum" else dense
+    reference = _reference_logits(model, per_source, weights, exact_dense, samples)
+    result = _lowrank_result(per_source, weights, dense, options)
+    if options.as_adapter:
+        report = _write_adapter(model, first, tokenizer, result, out, samples, reference, options)
+    else:
+        report = _write_model(model, first, tokenizer, dense, result, out, samples, reference, options, dtype,
+                              max_shard_size)
+    report.sources = len(srcs)
+    _print_combine_report(console, report, weights)
+    return report
+
+
+def _check_concatenable(srcs: list[Source], per_source: list[dict]) -> None:
+    for src, layers in zip(srcs, per_source, strict=True):
+        odd = next((layer for layer in layers.values() if not _is_plain_lora(layer)), None)
+        if odd is not None:
+            kind = "DoRA" if getattr(odd, "dora", False) else odd.method or type(odd).__name__
+            raise LorafitError(f"{src.path}: a {kind} adapter; --as-adapter with --combine sum concatenates LoRA "
+                               f"factors, exact only for plain LoRA: use --combine svd --rank R (a rank-R "
+                               f"approximation) or merge into a model (no --as-adapter)")
+
+
+def _combined_updates(per_source: list[dict], weights: list[float], options: CombineOptions) -> dict:
+    """{module: combined dense update (out, in), float32} over every module any source adapts."""
+    from lorafit.combine import combine_deltas
+
+    generator = torch.Generator().manual_seed(options.seed)
+    out = {}
+    for name in dict.fromkeys(n for layers in per_source for n in layers):
+        have = [(layers[name], w) for layers, w in zip(per_source, weights, strict=True) if name in layers]
+        deltas = [effective_delta(layer) for layer, _ in have]
+        out[name] = combine_deltas(deltas, [w for _, w in have], options.how, options.density, generator)
+    return out
+
+
+def _lowrank_result(per_source: list[dict], weights: list[float], dense: dict, options: CombineOptions):
+    """{module: LowRank} when the result is factored (--as-adapter, or svd), else None (the dense updates)."""
+    from lorafit.combine import concat_lora, truncated_svd
+
+    if options.as_adapter and options.how == "sum":
+        parts = {name: [(layers[name].lora_A.weight, layers[name].lora_B.weight, w * layers[name].scale)
+                        for layers, w in zip(per_source, weights, strict=True) if name in layers] for name in dense}
+        rank = max(sum(p[0].shape[0] for p in ps) for ps in parts.values())
+        return {name: concat_lora(ps, rank) for name, ps in parts.items()}
+    if options.how == "svd" or options.as_adapter:
+        return {name: truncated_svd(delta, options.rank) for name, delta in dense.items()}
+    return None
+
+
+@torch.no_grad()
+def _write_model(model, src: Source, tokenizer, dense: dict, result, out: Path, samples, reference, options,
+                 dtype: str, max_shard_size) -> CombineReport:
+    """Fold the combined updates (or their rank-R form) into the base, check, save, check the saved copy."""
+    for name, delta in dense.items():
+        update = delta if result is None else result[name].lora_b @ result[name].lora_a  # (out, in)
+        weight = model.get_submodule(name).weight
+        weight.copy_((weight.float() + update).to(weight.dtype))
+    merged = logits_of(model, samples)
+    report = CombineReport(out, 0, len(dense), options.how, options.rank if result else None,
+                           max_relative_difference(merged, reference), result is None,
+                           max((r.error for r in result.values()), default=0.0) if result else 0.0)
+    if report.exact:
+        _check(report.max_rel_diff, MERGE_TOLERANCE, "the combined float32 model", out)
+    single = MergeReport(out, len(dense), dtype, 0.0, float("nan"), SAVED_TOLERANCE[dtype], 0.0)
+    holder = [model]
+    del model
+    _write_and_verify(holder, tokenizer, src, out, single, samples, merged, max_shard_size)
+    report.saved_rel_diff = single.saved_rel_diff
+    return report
+
+
+def _write_adapter(model, src: Source, tokenizer, result: dict, out: Path, samples, reference,
+                   options: CombineOptions) -> CombineReport:
+    """Write `result` as one PEFT LoRA adapter (scale 1: lora_alpha = r), reload it onto the base and check it."""
+    from lorafit.adapters import wrap_module
+    from lorafit.checkpoint import load_adapter, read_adapter_config, save_adapter, write_dir_atomically
+
+    rank = next(iter(result.values())).lora_a.shape[0]
+    for name, low in result.items():
+        layer = wrap_module(model, name, r=rank, alpha=float(rank), dropout=0.0)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(low.lora_a)
+            layer.lora_B.weight.copy_(low.lora_b)
+    base_name = read_adapter_config(src.adapter_dir).get("base_model_name_or_path") or src.model.path
+    extra = {}
+    if src.config is not None:
+        adapter = src.config.adapter.model_copy(update={"method": "lora", "init": "default", "r": rank,
+                                                        "alpha": float(rank), "rslora": False})
+        extra[LORAFIT_CONFIG] = src.config.model_copy(update={"adapter": adapter}).to_yaml()
+    exact = options.how == "sum"
+    report = CombineReport(out, 0, len(result), options.how, rank, float("nan"), exact,
+                           max(r.error for r in result.values()))
+
+    def write(tmp: Path) -> None:
+        save_adapter(model, tmp, base_model_name_or_path=base_name, r=rank, alpha=float(rank), dropout=0.0,
+                     targets=sorted({n.rpartition(".")[2] for n in result}), tokenizer=tokenizer, extra_files=extra)
+        detach_adapter_layers(model)
+        load_adapter(model, tmp, dropout=0.0)  # the written files, as users will load them
+        report.max_rel_diff = max_relative_difference(logits_of(model, samples), reference)
+        if exact:
+            _check(report.max_rel_diff, MERGE_TOLERANCE, "the combined adapter", out)
+
+    try:
+        write_dir_atomically(out, write)
+    except Exception as e:
+        reason = disk_full_reason(e)
+        if reason is None:
+            raise
+        raise DiskFullError(f"{reason} while writing the combined adapter to {out}; nothing half-written was kept: "
+                            f"free space and run the merge again") from None
+    return report
+
+
+def _print_combine_report(console, report: CombineReport, weights: list[float]) -> None:
+    what = "one LoRA adapter" if report.saved_rel_diff is None else "a merged model"
+    console.print(f"combined {report.sources} adapters ({report.how}) over {report.layers} layers into {what}: "
+                  f"{report.out}")
+    if report.exact:
+        console.print(f"verified: max relative logit difference {report.max_rel_diff:.2e} vs base + Σ wᵢ·ΔWᵢ "
+                      f"(tolerance {MERGE_TOLERANCE:g})" if report.how == "sum" else
+                      f"verified: max relative logit difference {report.max_rel_diff:.2e} vs the base with the "
+                      f"combined {report.how} update (tolerance {MERGE_TOLERANCE:g})")
+    else:
+        console.print(f"rank-{report.rank} truncated SVD: largest per-layer error ||ΔW - BA||/||ΔW|| "
+                      f"{report.svd_error:.2e}; max relative logit difference {report.max_rel_diff:.2e} vs the "
+                      f"full {report.how if report.how != 'svd' else 'sum'} combination")
+    if report.saved_rel_diff is not None:
+        console.print(f"saved copy reloaded: max relative logit difference {report.saved_rel_diff:.2e} vs the "
+                      f"in-memory merge")
+    if report.saved_rel_diff is None:
+        console.print(f"use it as any adapter: lorafit generate {report.out} --prompt ...; vLLM: --enable-lora "
+                      f"--lora-modules combined={report.out}")
