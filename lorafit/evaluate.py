@@ -38,7 +38,9 @@ def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: 
     """
     from lorafit.data import collate
     from lorafit.loss import chunked_causal_lm_loss
+    from lorafit.model import attention_in_use
 
+    flatten = attention_in_use(model) == "flash_attention_2"  # FA2 separates packed examples in a batch of one only
     was_training = model.training
     model.eval()
     mine = rows[accelerator.process_index:: accelerator.num_processes]
@@ -49,7 +51,7 @@ def evaluate_loss(model, rows: list[Any], accelerator, batch_size: int, pad_id: 
     tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for start in range(0, batches * batch_size, batch_size):
         part = mine[start: start + batch_size]
-        batch = collate(part or rows[:1], pad_id=pad_id)
+        batch = collate(part or rows[:1], pad_id=pad_id, flatten=flatten)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with accelerator.autocast():  # supervised positions only, a chunk at a time: no (B, T, V) logits

@@ -175,6 +175,14 @@ def resolve_attention(mc: ModelConfig, hf_config) -> AttentionChoice | None:
     return choose_attention(mc.attention, supported_attention(cls), half, cls.__name__, flash_attention_missing())
 
 
+def attention_in_use(model) -> str:
+    """The attention implementation a loaded model runs (what transformers settled on); looks through DDP / FSDP /
+    Accelerate wrappers. flash_attention_2 needs packed batches flattened into one row (`lorafit.data.collate`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
 def _load_hf_config(src: _Source):
     from transformers import AutoConfig
 
@@ -315,6 +323,24 @@ def load_model(cfg: ModelConfig | str, device_map: Any = None, tokenizer=None, f
         align_model_with_tokenizer(model, tokenizer)
     model.eval()
     return model
+
+
+def original_weights(cfg: ModelConfig, names: list[str], tokenizer=None) -> dict[str, Any]:
+    """The full-precision weights of the named linear modules, as the checkpoint holds them in `cfg.model.dtype`:
+    what a 4/8-bit load quantizes, for the inits that need W itself (pissa / olora / loftq on a quantized base).
+
+    The base is loaded once more without quantization, on the CPU, and dropped after the named weights are taken.
+
+    Returns:
+        {module name: (out, in) CPU tensor in model.dtype}.
+    """
+    import gc
+
+    model = load_model(cfg.model_copy(update={"quantization": None}), device_map="cpu", tokenizer=tokenizer)
+    weights = {name: model.get_submodule(name).weight.detach() for name in names}
+    del model
+    gc.collect()
+    return weights
 
 
 def prepare_for_kbit_training(model, gradient_checkpointing: bool = True, upcast_norms: bool = False):

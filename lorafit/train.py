@@ -80,6 +80,8 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
         print(f"model: {cfg.model.path} ({cfg.model.dtype}, {_attention_text(cfg, model)})", flush=True)
     prepare_for_kbit_training(model, gradient_checkpointing=_checkpointing(cfg, accelerator, sharding))
     a = cfg.adapter
+    if cfg.model.quantization is not None and a.init in ("pissa", "olora", "loftq"):
+        _keep_original_weights(cfg, model, tokenizer)  # these inits need W itself, not only its quantization
     # The same seed on every process: each one starts from the same adapter (FSDP shards each process's own copy)
     torch.manual_seed(cfg.train.seed)
     wrapped = attach_from_settings(model, a.settings())
@@ -89,13 +91,21 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
     return model, wrapped, counts
 
 
-def attention_of(model) -> str:
-    """The attention implementation the loaded model runs (what transformers settled on)."""
-    return getattr(parallel.unwrap(model).config, "_attn_implementation", None) or "eager"
+def _keep_original_weights(cfg: Config, model, tokenizer) -> None:
+    """Hand the quantized target layers their full-precision weights for adapter.init (`adapters.svd_init`)."""
+    from lorafit.adapters import find_targets, is_quantized
+    from lorafit.adapters.svd_init import keep_original_weights
+    from lorafit.model import original_weights
+
+    modules = dict(model.named_modules())
+    names = [n for n in find_targets(model, cfg.adapter.targets, cfg.adapter.exclude) if is_quantized(modules.get(n))]
+    keep_original_weights(model, original_weights(cfg.model, names, tokenizer))
 
 
 def _attention_text(cfg: Config, model) -> str:
-    used = attention_of(model)
+    from lorafit.model import attention_in_use
+
+    used = attention_in_use(model)
     return f"{used} attention" + (" (auto)" if cfg.model.attention == "auto" else "")
 
 
@@ -169,9 +179,10 @@ def _count_tokens(batches: list[dict[str, torch.Tensor]], real_tokens: int, acce
     return int(total[0]), int(total[1])
 
 
-def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_grad_norm, hooks=None):
-    """One optimizer step over this process's micro-batches; `hooks`: the adapter method's additions
-    (`lorafit.adapters.TrainingHooks`): a regulariser added to the last micro-batch's loss, a call after the step.
+def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_grad_norm, hooks=None, step: int = 0):
+    """One optimizer step (number `step`, from 1) over this process's micro-batches; `hooks`: the adapter method's
+    additions (`lorafit.adapters.TrainingHooks`): a regulariser added to the last micro-batch's loss, and
+    `after_step(step)` after the optimizer step while the gradients are still there (AdaLoRA scores them).
 
     Returns:
         (mean token loss, grad norm, supervised tokens, input tokens), token counts over all processes.
@@ -195,6 +206,8 @@ def _train_step(model, optimizer, batches, real_tokens: int, accelerator, max_gr
             loss_sum += token_loss_sum.detach().float()
     grad_norm = parallel.clip_grad_norm(model, accelerator, max_grad_norm)
     optimizer.step()
+    if hooks is not None:  # after the step (pruning before it would let Adam revive what it pruned), before zero_grad
+        hooks.after_step(step)
     optimizer.zero_grad(set_to_none=True)
     loss = accelerator.reduce(loss_sum, reduction="sum").item() / global_tokens
     return loss, float(grad_norm), global_tokens, input_tokens
@@ -213,7 +226,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     """
     from lorafit.adapters import training_hooks
     from lorafit.data import build_datasets
-    from lorafit.model import load_tokenizer
+    from lorafit.model import attention_in_use, load_tokenizer
     from lorafit.reporting import RunReporter
 
     cfg, t = loaded.config, loaded.config.train
@@ -241,7 +254,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
         optimizer = accelerator.prepare(optimizer)
     progress = runstate.Progress()
     if resume:
-        progress = runstate.load_training_state(run_dir, accelerator, model, optimizer, scheduler)
+        progress = runstate.load_training_state(run_dir, accelerator, model, optimizer, scheduler, hooks=hooks)
         if streaming:
             train_rows.seek(progress.data)
     if t.trackers:
@@ -249,7 +262,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
                            counts=counts, sharding=sharding)
     run = _Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, train_rows, eval_rows, per_epoch, reporter,
-               flatten=attention_of(model) == "flash_attention_2",  # FA2 reads packing only from a batch of one
+               flatten=attention_in_use(model) == "flash_attention_2",  # FA2 reads packing only from a batch of one
                hooks=hooks)
     stop = _install_signal_handlers()
     started = time.perf_counter() - progress.elapsed
@@ -265,7 +278,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
             if due or stopping:
                 progress.metrics = reporter.metrics
                 runstate.save_training_state(run_dir, accelerator, model, optimizer, scheduler, progress,
-                                             keep=t.keep_checkpoints)
+                                             keep=t.keep_checkpoints, hooks=hooks)
             if stopping:
                 raise TrainingStopped(f"interrupted at step {progress.step}: checkpoint saved; continue with "
                                       f"lorafit train {loaded.path} --resume", exit_code=130)
@@ -316,9 +329,7 @@ class _Run:
         real = sum(len(r) for mb in rows for r in mb)
         self.model.train()
         loss, grad_norm, supervised, tokens = _train_step(self.model, self.optimizer, batches, real, acc,
-                                                          t.max_grad_norm, self.hooks)
-        if self.hooks is not None:
-            self.hooks.after_step(progress.step + 1)  # after the optimizer step (AdaLoRA prunes here)
+                                                          t.max_grad_norm, self.hooks, step=progress.step + 1)
         _check_finite(loss, grad_norm, progress.step + 1, Path(self.cfg.output.dir),
                       skip_grad=acc.optimizer_step_was_skipped)
         lr = self.scheduler.get_last_lr()[0]
