@@ -11,6 +11,8 @@ from typing import Any
 from lorafit.adapters.adalora import AdaLoraLinear
 from lorafit.adapters.base import AdapterLayer
 from lorafit.adapters.lora import LoraLinear
+from lorafit.adapters.lora_fa import LoraFALinear
+from lorafit.adapters.vera import VeraLinear
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ METHODS: dict[str, Method] = {
     "lora": Method(LoraLinear, {"dora": False}),
     "dora": Method(LoraLinear, {"dora": True}),
     "adalora": Method(AdaLoraLinear),
+    "lora_fa": Method(LoraFALinear, {"dora": False}),
+    "vera": Method(VeraLinear),
 }
 
 
