@@ -80,7 +80,9 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
                           base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
                           rslora=rslora, dora=dora)
     if settings is not None:
-        config.update(METHODS[settings["method"]].layer.peft_config(layers, settings))
+        layer_class = METHODS[settings["method"]].layer
+        config.update(layer_class.peft_config(layers, settings))
+        config = {k: v for k, v in config.items() if k not in layer_class.peft_config_drop}
     found = lora_state_dict(model, export=True) if weights is None else adapter_tensors(weights)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.items()}
 

@@ -565,6 +565,16 @@ def _adapter_problems(cfg: Config) -> list[str]:
                         "set; use init pissa / olora on a full-precision base, or set model.quantization.bits")
     if a.init != "loftq" and a.init_iters != 1:
         problems.append(f"adapter.init_iters: applies to init loftq only (init is {a.init})")
+    if a.method in ("lora_fa", "vera") and cfg.train.lora_plus_ratio is not None:
+        trains = "only B (A stays frozen)" if a.method == "lora_fa" else "only scaling vectors (no A or B)"
+        problems.append(f"train.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, and method {a.method} "
+                        f"trains {trains}; remove lora_plus_ratio (raise train.lr instead)")
+    if a.method == "vera" and a.rslora:
+        problems.append("adapter.rslora: VeRA has no alpha / r scale to change (its trained vectors set the scale); "
+                        "remove rslora")
+    if a.method == "vera" and a.init == "gaussian":
+        problems.append("adapter.init: gaussian sets LoRA's A; VeRA's projections are regenerated from "
+                        "adapter.vera.projection_seed; use init default")
     ada = a.adalora or AdaloraConfig()
     if a.method == "adalora" and ada.init_r < a.r:
         problems.append(f"adapter.adalora.init_r: {ada.init_r} is below adapter.r ({a.r}), the average rank AdaLoRA "

@@ -151,11 +151,13 @@ class AdapterLayer(nn.Module):
         peft_type: the ``peft_type`` its saved adapters carry.
         tensor_kinds: the PEFT tensor names it saves, relative to the module, without ``.weight``
             (``lora_A``, ``lora_B`` ...): how saved keys are split into (module, kind).
+        peft_config_drop: keys of plain LoRA's adapter_config.json its PEFT format does not have (VeRA's).
     """
 
     method = ""
     peft_type = "LORA"
     tensor_kinds: tuple[str, ...] = ()
+    peft_config_drop: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

@@ -222,7 +222,8 @@ def param_report(model: nn.Module) -> ParamReport:
 
 # Which optimizer group a trainable tensor joins, by the end of its bare name. "lora_B" gets LoRA+'s ratio;
 # "no_decay" tensors (magnitudes, scaling vectors) never get weight decay.
-GROUP_OF_SUFFIX = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "no_decay"}
+GROUP_OF_SUFFIX = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "no_decay",
+                   "vera_lambda_b": "no_decay", "vera_lambda_d": "no_decay"}
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
