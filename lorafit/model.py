@@ -95,7 +95,7 @@ class AttentionChoice:
     def describe(self) -> str:
         """E.g. "sdpa attention", or "sdpa attention (auto; flash_attention_2: flash-attn is not installed)"."""
         if self.requested != "auto":
-            return f"{self.implementation} attention"
+            return f"{self.implementation} attention" + (f" ({self.note})" if self.note else "")
         return f"{self.implementation} attention (auto{'; ' + self.note if self.note else ''})"
 
 
@@ -135,12 +135,13 @@ def flash_attention_missing() -> str | None:
 
 
 def choose_attention(requested: str, supported: tuple[str, ...], half_precision: bool, cls_name: str,
-                     flash_missing: str | None) -> AttentionChoice:
+                     flash_missing: str | None, here: bool = True) -> AttentionChoice:
     """`model.attention` resolved against what the model class supports and what this machine has.
 
     auto: flash_attention_2 when the class supports it, flash-attn is installed, there is a GPU and the model computes
     in bf16/fp16 (FA2 has no fp32 kernels); else sdpa when the class supports it; else eager. An explicit choice the
-    model or machine cannot use is refused (before any weight is loaded).
+    model or machine cannot use is refused (before any weight is loaded); with `here` false (planning for another
+    machine) what this machine lacks is only noted.
 
     Raises:
         ModelLoadError: an explicit choice that cannot be used, naming what the model supports.
@@ -149,6 +150,8 @@ def choose_attention(requested: str, supported: tuple[str, ...], half_precision:
         if requested not in supported:
             raise ModelLoadError(f"model.attention: {cls_name} does not support {requested}; it supports "
                                  f"{', '.join(supported)} (or use auto)")
+        if requested == "flash_attention_2" and flash_missing and not here:
+            return AttentionChoice(requested, requested, supported, f"not on this machine: {flash_missing}")
         if requested == "flash_attention_2" and flash_missing:
             raise ModelLoadError(f"model.attention: flash_attention_2 cannot run here ({flash_missing}); use auto, "
                                  f"or one of {', '.join(s for s in supported if s != requested)}")
@@ -165,14 +168,19 @@ def choose_attention(requested: str, supported: tuple[str, ...], half_precision:
     return AttentionChoice("eager", requested, supported, "; ".join(passed))
 
 
-def resolve_attention(mc: ModelConfig, hf_config) -> AttentionChoice | None:
-    """`choose_attention` for a model config and its transformers config; None when the class is unknown."""
+def resolve_attention(mc: ModelConfig, hf_config, here: bool = True) -> AttentionChoice | None:
+    """`choose_attention` for a model config and its transformers config; None when the class is unknown.
+
+    Args:
+        here: the model loads on this machine (refuse flash_attention_2 it cannot run); false for a plan.
+    """
     cls = model_class(hf_config, mc.trust_remote_code)
     if cls is None:
         return None
     q = mc.quantization
     half = mc.dtype != "float32" and (q is None or q.bits == 8 or q.compute_dtype != "float32")
-    return choose_attention(mc.attention, supported_attention(cls), half, cls.__name__, flash_attention_missing())
+    return choose_attention(mc.attention, supported_attention(cls), half, cls.__name__, flash_attention_missing(),
+                            here)
 
 
 def attention_in_use(model) -> str:

@@ -247,7 +247,8 @@ def make_plan(cfg: Config, processes: int | None = None, fsdp: bool | None = Non
     from lorafit.model import resolve_attention
 
     hf_config, source = _find_model_config(cfg)
-    attention = resolve_attention(cfg.model, hf_config) if hf_config is not None else None  # refuses what cannot run
+    # refuses what the model cannot run; what this machine lacks (flash-attn, a GPU) is only noted
+    attention = resolve_attention(cfg.model, hf_config, here=False) if hf_config is not None else None
     shape = _model_shape(cfg, hf_config, source) if hf_config is not None else None
     train_data, eval_data = _count(cfg.data.train), _count(cfg.data.eval)
     world = processes or int(os.environ.get("WORLD_SIZE", "1"))

@@ -199,6 +199,11 @@ def test_attention_choice_prefers_flash_then_sdpa_then_eager():
     assert choice.describe() == ("eager attention (auto; flash_attention_2: flash-attn is not installed; "
                                  "no sdpa in Gemma2ForCausalLM)")
     assert choose_attention("eager", llama, True, "M", "no CUDA GPU").describe() == "eager attention"
+    # a plan for another machine (validate on a laptop, train on a GPU) notes what this one lacks instead of refusing
+    planned = choose_attention("flash_attention_2", llama, True, "M", "no CUDA GPU", here=False)
+    assert planned.describe() == "flash_attention_2 attention (not on this machine: no CUDA GPU)"
+    with pytest.raises(ModelLoadError, match="does not support sdpa"):
+        choose_attention("sdpa", gemma, True, "Gemma2ForCausalLM", None, here=False)  # the model itself cannot
 
 
 def test_validate_shows_the_attention_auto_picks_and_refuses_an_unusable_one(tmp_path, tiny_gemma2_dir, capsys,
