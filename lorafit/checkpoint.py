@@ -27,22 +27,56 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def _peft_config(wrapped: list[str], all_linear: list[str], *, base_model_name_or_path: str | None, r: int,
-                 alpha: float, dropout: float, rslora: bool, dora: bool) -> dict[str, Any]:
+                 alpha: float, dropout: float, rslora: bool, dora: bool, fan_in_fan_out: bool = False,
+                 experts: list[str] = (), all_experts: list[str] = ()) -> dict[str, Any]:
     """adapter_config.json as PEFT writes it (the keys its LoraConfig needs to rebuild the same layers).
 
     target_modules: the wrapped suffixes (q_proj, ...) when those select exactly the wrapped modules, the usual
     case; else (e.g. a regex that picked some layers only) a regex PEFT fullmatches against the exact names.
+    target_parameters: the adapted fused expert weights (`experts`, parameter paths) likewise: ``experts.down_proj``
+    style suffixes when they select exactly those among `all_experts`, else the full paths. PEFT cannot drop the
+    inputs of a weight update, so an adapter with expert weights records lora_dropout 0 (PEFT refuses any other).
+    fan_in_fan_out: the wrapped layers are Conv1D (GPT-2), whose weights PEFT must transpose when merging.
     """
     suffixes = sorted({name.rpartition(".")[2] for name in wrapped})
     covered = [n for n in all_linear if any(n == s or n.endswith("." + s) for s in suffixes)]
     targets: list[str] | str = suffixes if covered == wrapped else "(" + "|".join(map(re.escape, wrapped)) + ")"
-    return {
+    config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
         "exclude_modules": None, "use_rslora": rslora, "use_dora": dora, "bias": "none", "lora_bias": False,
-        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "inference_mode": True,
     }
+    if experts:
+        short = sorted({".".join(p.split(".")[-2:]) for p in experts})  # experts.gate_up_proj
+        picked = [p for p in all_experts if any(p == s or p.endswith("." + s) for s in short)]
+        config["target_parameters"] = short if sorted(picked) == sorted(experts) else sorted(experts)
+        config["target_modules"] = targets if wrapped else []  # [] : PEFT adds no default modules
+        config["lora_dropout"] = 0.0
+    return config
+
+
+def _adapted(model, layers: dict) -> tuple[list[str], list[str], bool]:
+    """(wrapped linear module names, adapted expert weight paths, whether the linear layers are Conv1D)."""
+    from lorafit.adapters.experts import ExpertLora, expert_target_name
+    from lorafit.adapters.targets import is_conv1d
+
+    linear = [n for n, layer in layers.items() if not isinstance(layer, ExpertLora)]
+    experts = [expert_target_name(n, layer) for n, layer in layers.items() if isinstance(layer, ExpertLora)]
+    # A 4/8-bit base keeps the class it replaced (transformers' bitsandbytes integration sets source_cls)
+    conv = [n for n in linear if is_conv1d(layers[n].base_layer)
+            or getattr(getattr(layers[n].base_layer, "source_cls", None), "__name__", "") == "Conv1D"]
+    return linear, experts, bool(conv) and len(conv) == len(linear)
+
+
+def _all_experts(model) -> list[str]:
+    """Parameter paths of every fused expert weight, adapted or not (without the adapter layers' segments)."""
+    from lorafit.adapters.targets import expert_parameters
+
+    return [re.sub(r"(\.base_layer)+$", "", path.rpartition(".")[0]) + "." + path.rpartition(".")[2]
+            for path, _, _ in expert_parameters(model)]
 
 
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None, r: int, alpha: float,
@@ -76,9 +110,11 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
     wrapped = list(layers)
     if not wrapped:
         raise RunDirError(f"cannot save an adapter: the model has no LoRA layers (targets {targets!r})")
-    config = _peft_config(wrapped, _all_linear(model),
+    linear, experts, conv1d = _adapted(model, layers)
+    config = _peft_config(linear, _all_linear(model),
                           base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
-                          rslora=rslora, dora=dora)
+                          rslora=rslora, dora=dora, fan_in_fan_out=conv1d, experts=experts,
+                          all_experts=_all_experts(model) if experts else [])
     if settings is not None:
         layer_class = METHODS[settings["method"]].layer
         config.update(layer_class.peft_config(layers, settings))
@@ -100,8 +136,10 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
 def _all_linear(model) -> list[str]:
     """Names of every linear layer, counting a LoRA wrapper under its own name, in model order."""
     from lorafit.adapters import bare_named_modules, linear_modules, lora_layers
+    from lorafit.adapters.experts import ExpertLora
 
-    names = set(lora_layers(model)) | {n for n, _ in linear_modules(model)}
+    names = {n for n, layer in lora_layers(model).items() if not isinstance(layer, ExpertLora)}
+    names |= {n for n, _ in linear_modules(model)}
     return list(dict.fromkeys(n for n, _ in bare_named_modules(model) if n in names))
 
 
@@ -186,7 +224,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
 _SUPPORTED = {  # adapter_config.json keys lorafit cannot honour unless they have their neutral value
     "bias": lambda v: v in (None, "none"),
     "lora_bias": lambda v: not v,
-    "fan_in_fan_out": lambda v: not v,
     "modules_to_save": lambda v: not v,
     "layer_replication": lambda v: not v,
     "trainable_token_indices": lambda v: not v,
@@ -259,17 +296,20 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
         raise RunDirError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")
     if lora_layers(model):
         raise RunDirError("the model already has LoRA layers; load an adapter into a fresh base model")
-    modules = dict(model.named_modules())
-    missing = [n for n in grouped if n not in modules]
-    if missing:
-        more = " ..." if len(missing) > 3 else ""
-        raise RunDirError(f"{adapter_dir}: the adapter adapts {', '.join(missing[:3])}{more}, which this model "
-                          f"does not have (the adapter's base: {config.get('base_model_name_or_path')})")
     rslora = bool(config.get("use_rslora", False))
     drop = float(config.get("lora_dropout", 0.0) or 0.0) if dropout is None else dropout
     for p in model.parameters():
         p.requires_grad_(False)  # as attach_lora: only the adapter trains
+    expert_names = _wrap_experts(model, adapter_dir, config, grouped, rslora)
+    modules = dict(model.named_modules())
+    missing = [n for n in grouped if n not in modules and n not in expert_names]
+    if missing:
+        more = " ..." if len(missing) > 3 else ""
+        raise RunDirError(f"{adapter_dir}: the adapter adapts {', '.join(missing[:3])}{more}, which this model "
+                          f"does not have (the adapter's base: {config.get('base_model_name_or_path')})")
     for name, parts in grouped.items():
+        if name in expert_names:
+            continue
         if "lora_A.weight" not in parts:
             raise RunDirError(f"{adapter_dir}: no lora_A tensor for {name}")
         r = int(parts["lora_A.weight"].shape[0])  # (r, in): rank_pattern needs no lookup
@@ -284,3 +324,36 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
                            dora=bool(config.get("use_dora", False)),
                            base_model_name_or_path=config.get("base_model_name_or_path"),
                            target_modules=config.get("target_modules"), wrapped=list(lora_layers(model)))
+
+
+def _wrap_experts(model, adapter_dir: Path, config: dict, grouped: dict, rslora: bool) -> set[str]:
+    """Attach an ExpertLora to each fused expert weight the config's ``target_parameters`` select (PEFT's rule),
+    each with the rank its A tensor has. Returns the adapter layers' module names (the tensors' module names)."""
+    from lorafit.adapters import wrap_module
+    from lorafit.adapters.experts import expert_layer_names, matching_expert_parameters
+    from lorafit.adapters.targets import expert_shape
+
+    targets = config.get("target_parameters") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    paths = matching_expert_parameters(model, targets)
+    if targets and not paths:
+        raise RunDirError(f"{adapter_dir}: target_parameters {targets} match no fused expert weight of this model")
+    names = expert_layer_names(paths)
+    for path in paths:
+        owner, _, parameter = path.rpartition(".")
+        experts = expert_shape(_innermost(model.get_submodule(owner)), parameter)[0]  # under layers wrapped so far
+        lora_a = grouped.get(names[path], {}).get("lora_A.weight")
+        if lora_a is None:
+            raise RunDirError(f"{adapter_dir}: no lora_A tensor for {names[path]} ({path})")
+        r = int(lora_a.shape[0]) // experts  # (r·E, in)
+        alpha = float(_pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"]))
+        wrap_module(model, path, r=r, alpha=alpha, rslora=rslora)
+    return set(names.values())
+
+
+def _innermost(module):
+    """The module under any adapter layers (their `base_layer` chain)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module

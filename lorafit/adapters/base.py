@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from lorafit.adapters.targets import is_conv1d, linear_features
 from lorafit.errors import LorafitError
 
 PEFT_PREFIX = "base_model.model."  # PEFT stores adapter tensors under this prefix
@@ -159,10 +160,12 @@ class AdapterLayer(nn.Module):
     tensor_kinds: tuple[str, ...] = ()
     peft_config_drop: tuple[str, ...] = ()
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, features: tuple[int, int] | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        # GPT-2's Conv1D stores W as (in, out): PEFT's fan_in_fan_out. base_weight() and merge see it as (out, in).
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features, self.out_features = features or linear_features(base_layer)
         self.merged = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -238,6 +241,7 @@ class AdapterLayer(nn.Module):
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W, (out, in), detached; dequantized for 4/8-bit bases; in `dtype` when given."""
         weight = dequantized_weight(self.base_layer)
+        weight = weight.T if self.fan_in_fan_out else weight
         return weight if dtype is None else weight.to(dtype)
 
     def load_adapter_state(self, tensors: dict[str, torch.Tensor], where: str = "") -> None:
@@ -285,7 +289,8 @@ class AdapterLayer(nn.Module):
         if is_quantized(self.base_layer):
             raise LorafitError(f"cannot {action} an adapter into a quantized ({type(self.base_layer).__name__}) "
                                f"layer in place; reload the base in full precision first (lorafit merge does this)")
-        return self.base_layer.weight
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight  # a view: writes reach the (in, out) Conv1D weight
 
     @staticmethod
     def add_update(result: torch.Tensor, update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

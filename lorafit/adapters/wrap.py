@@ -14,7 +14,7 @@ from torch import nn
 
 from lorafit.adapters.base import PEFT_PREFIX, AdapterLayer, logical_numel
 from lorafit.adapters.registry import METHODS, tensor_kinds
-from lorafit.adapters.targets import bare_name, bare_named_modules, find_targets, module_kinds
+from lorafit.adapters.targets import bare_name, bare_named_modules, find_targets, is_expert_target, is_linear, module_kinds
 from lorafit.errors import LorafitError
 
 
@@ -84,8 +84,12 @@ def wrap_module(model: nn.Module, name: str, method: str = "lora", **layer_args)
     Returns:
         The new wrapper.
     """
+    if is_expert_target(model, name):  # a fused MoE expert weight: its own layer (adapters.experts)
+        from lorafit.adapters.experts import wrap_expert_parameter
+
+        return wrap_expert_parameter(model, name, method, **layer_args)
     base = model.get_submodule(name)
-    if not isinstance(base, nn.Linear):
+    if not is_linear(base):
         raise LorafitError(f"{name} is a {type(base).__name__}, not a linear layer; adapters wrap linear layers only")
     spec = METHODS[method]
     args = {**layer_args, **spec.fixed}
@@ -107,7 +111,7 @@ def unwrap_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     Returns:
         The same model object, modified in place.
     """
-    for name, layer in lora_layers(model).items():
+    for name, layer in reversed(lora_layers(model).items()):  # innermost first: expert layers nest
         if merge:
             layer.merge()
         model.set_submodule(name, layer.base_layer)
