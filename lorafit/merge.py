@@ -157,9 +157,12 @@ def apply_quantization_roundtrip(model, names: list[str], quant, weight_dtype: t
         weight_dtype: the dtype the base was loaded in before quantizing (model.dtype of the run).
     """
     from lorafit.adapters import quantize_roundtrip
+    from lorafit.adapters.targets import is_conv1d
 
     for name in names:
-        weight = model.get_submodule(name).weight
+        layer = model.get_submodule(name)
+        # bitsandbytes quantized a Conv1D's (in, out) weight transposed, as the (out, in) of the layer it became
+        weight = layer.weight.T if is_conv1d(layer) else layer.weight
         restored = quantize_roundtrip(weight.to(weight_dtype), quant.bits, quant.type, quant.double_quant)
         weight.copy_(restored.float())
 

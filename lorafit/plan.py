@@ -38,9 +38,13 @@ class ModelShape:
     kv_dim: int
     layers: int
     vocab: int
-    targets: list[str]  # module names the adapter wraps
+    targets: list[str]  # module names (and fused expert weight paths) the adapter wraps
     adapter_params: int
     model_type: str = ""
+    expert_weights: int = 0  # parameters in fused 3-D MoE expert weights (never quantized by bitsandbytes)
+    expert_targets: list[str] = field(default_factory=list)  # the adapted ones, among `targets`
+    expert_adapter_params: int = 0  # trainable parameters the adapter adds to them
+    experts: int = 0  # experts per fused weight
 
 
 @dataclass
@@ -95,6 +99,8 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     from lorafit.adapters import find_targets, method_param_count
+    from lorafit.adapters.experts import check_expert_method, expert_param_count
+    from lorafit.adapters.targets import expert_parameters, expert_shape, is_linear, linear_features
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
@@ -102,11 +108,16 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     targets = find_targets(model, a.targets, a.exclude)
     modules = dict(model.named_modules())
     settings = a.settings()
-    adapter_params = sum(method_param_count(modules[n].in_features, modules[n].out_features, settings)
-                         for n in targets)
+    experts = {path: expert_shape(m, name) for path, m, name in expert_parameters(model)}  # (E, in, out)
+    expert_targets = [n for n in targets if n in experts]
+    if expert_targets:
+        check_expert_method(a.method, where=f" ({len(expert_targets)} fused weights, e.g. {expert_targets[0]})")
+    expert_adapter = sum(expert_param_count(*experts[n], a.r) for n in expert_targets)
+    adapter_params = expert_adapter + sum(method_param_count(*linear_features(modules[n]), settings)
+                                          for n in targets if n not in experts)
     head = model.get_output_embeddings()
-    quantizable = sum(m.weight.numel() for m in modules.values()
-                      if isinstance(m, torch.nn.Linear) and m is not head)
+    # bitsandbytes quantizes nn.Linear and Conv1D layers, never the fused 3-D expert weights
+    quantizable = sum(m.weight.numel() for m in modules.values() if is_linear(m) and m is not head)
     text_cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     heads = getattr(text_cfg, "num_attention_heads", 1)
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
@@ -122,6 +133,10 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
         targets=targets,
         adapter_params=adapter_params,
         model_type=getattr(hf_config, "model_type", ""),
+        expert_weights=sum(math.prod(model.get_parameter(p).shape) for p in experts),
+        expert_targets=expert_targets,
+        expert_adapter_params=expert_adapter,
+        experts=next(iter(experts.values()))[0] if experts else 0,
     )
 
 
@@ -332,6 +347,7 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
             ("parameters", f"{_num(m.adapter_params)} trainable / {_num(m.total_params)} total "
                            f"({100 * m.adapter_params / max(m.total_params, 1):.3f}%)"),
         ]
+        rows += _expert_rows(cfg, m)
     for label, counts in (("train data", plan.train_data), ("eval data", plan.eval_data)):
         for d in counts:
             rows.append((label, f"{d.path} ({d.format}): {d.rows if d.rows is not None else '?'} rows {d.note}"))
@@ -357,3 +373,40 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
         rows.append(("memory (est.)", f"{sum(plan.memory.values()) / GiB:.2f} GiB per device = {parts} GiB"))
     rows.append(("output", cfg.output.dir))
     return rows
+
+
+def experts_quantization_note(bits: int, dtype: str, expert_weights: int, total: int) -> str:
+    """What a 4/8-bit base does to fused MoE expert weights: nothing (bitsandbytes quantizes linear layers only)."""
+    share = 100 * expert_weights / max(total, 1)
+    size = expert_weights * DTYPE_BYTES[dtype] / GiB
+    return (f"{bits}-bit quantizes linear layers only: the fused expert weights ({_num(expert_weights)}, {share:.0f}% "
+            f"of the model) stay {dtype}, {size:.2f} GiB (counted so in the memory estimate)")
+
+
+def _expert_rows(cfg: Config, m: ModelShape) -> list[tuple[str, str]]:
+    """Plan rows for MoE models: which fused expert weights are adapted, and what quantization leaves of them."""
+    if not m.expert_weights:
+        return []
+    if m.expert_targets:
+        adapted = (f"{len(m.expert_targets)} fused weights × {m.experts} experts ({_targets_summary(m.expert_targets)}):"
+                   f" {_num(m.expert_adapter_params)} trainable, a rank-{cfg.adapter.r} update per expert, no dropout")
+    else:
+        adapted = "not adapted (adapter.targets / adapter.exclude leave the fused expert weights out)"
+    rows = [("experts", adapted)]
+    q = cfg.model.quantization
+    if q is not None:
+        rows.append(("experts", experts_quantization_note(q.bits, cfg.model.dtype, m.expert_weights, m.total_params)))
+    return rows
+
+
+def experts_header_note(cfg: Config, model: Any) -> str | None:
+    """The run header's line for a quantized MoE base (see `experts_quantization_note`), from the loaded model."""
+    from lorafit.adapters import logical_numel
+    from lorafit.adapters.targets import expert_parameters
+
+    q = cfg.model.quantization
+    weights = sum(getattr(m, name).numel() for _, m, name in expert_parameters(model)) if q is not None else 0
+    if not weights:
+        return None
+    total = sum(logical_numel(p) for p in model.parameters())
+    return "experts: " + experts_quantization_note(q.bits, cfg.model.dtype, weights, total)
