@@ -73,6 +73,7 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
     """
     from lorafit.adapters import attach_from_settings, param_report
     from lorafit.model import load_model, prepare_for_kbit_training
+    from lorafit.plan import experts_header_note
 
     device_map = {"": accelerator.device} if cfg.model.quantization is not None else None
     model = load_model(cfg.model, device_map=device_map, tokenizer=tokenizer, for_fsdp=sharding is not None)
@@ -86,6 +87,9 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
     torch.manual_seed(cfg.train.seed)
     wrapped = attach_from_settings(model, a.settings())
     counts = param_report(model)
+    note = experts_header_note(cfg, model) if accelerator.is_main_process else None
+    if note:  # a "QLoRA" MoE keeps its experts in the model dtype: say so before the run starts
+        print(note, flush=True)
     if sharding is not None:
         model = parallel.shard_model(model, sharding, accelerator.device)
     return model, wrapped, counts
