@@ -179,8 +179,9 @@ def _parse_weights(text: str | None) -> list[float] | None:
 def evaluate(
     source: Path = typer.Argument(..., help="A run directory or a config file.", show_default=False,
                                   metavar="RUN_OR_CONFIG"),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter to compare (default: the run's).",
-                                           show_default=False),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", show_default=False, metavar="DIR | NAME=DIR",
+                                                help="Adapter to compare (default: the run's); NAME=DIR, repeated: "
+                                                     "several adapters side by side, the base loaded once."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file.",
                                             show_default=False),
     generate_rows: int = typer.Option(32, "--generate", min=0,
@@ -191,10 +192,15 @@ def evaluate(
     metrics on rows with reference answers).
 
     Example:  lorafit eval runs/tiny-quickstart --generate 50 --json results.json
+    Compare:  lorafit eval runs/a --adapter a=runs/a --adapter b=runs/b --json results.json
     """
     from lorafit.evaluate import evaluate_command
+    from lorafit.generate import parse_named
 
-    evaluate_command(source, adapter_dir=adapter, json_path=json_out, generate_rows=generate_rows)
+    single = adapter[0] if adapter and len(adapter) == 1 and "=" not in adapter[0] else None
+    named = None if single is not None else parse_named(adapter)
+    evaluate_command(source, adapter_dir=Path(single) if single else None, json_path=json_out,
+                     generate_rows=generate_rows, adapters=named or None)
 
 
 @app.command()
@@ -206,14 +212,19 @@ def generate(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", show_default=False, metavar="NAME=DIR",
+                                                help="Also answer with this adapter (repeat for several): the base "
+                                                     "is loaded once, every adapter gets the same prompt."),
 ) -> None:
     """Generate text from a trained adapter or a merged model.
 
     Example:  lorafit generate runs/tiny-quickstart --prompt "Repeat the word twice: stone"
+    Compare:  lorafit generate runs/a --adapter b=runs/b --prompt "Reverse the word: stone"
     """
-    from lorafit.generate import generate_command
+    from lorafit.generate import generate_command, parse_named
 
-    generate_command(source, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    generate_command(source, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     adapters=parse_named(adapter) or None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -93,7 +93,7 @@ def adapter_disabled(model):
     from lorafit.adapters import lora_layers
 
     layers = lora_layers(model)
-    for name, layer in layers.items():
+    for name, layer in reversed(layers.items()):  # innermost first: MoE expert layers nest
         model.set_submodule(name, layer.base_layer)
     try:
         yield model
@@ -136,19 +136,73 @@ def _load_for_eval(config, adapter: Path):
     return load_inference_model(src), load_source_tokenizer(src), src
 
 
+def _load_bank(config, adapters: dict[str, Path]):
+    """The base as trained, loaded once, with every named adapter held on it (`AdapterBank`)."""
+    from lorafit.sources import Source, load_source_tokenizer
+
+    first = _adapter_folder(next(iter(adapters.values())))
+    src = Source(first, "run", first, config, config.model)
+    model, bank = load_bank(src, adapters)
+    return model, load_source_tokenizer(src), src, bank
+
+
+def load_bank(src, adapters: dict[str, Path]):
+    """`src`'s base model (as trained: quantized for QLoRA; on the GPU when there is one and it is not quantized),
+    loaded once, and an `AdapterBank` holding each named adapter folder on it.
+
+    Raises:
+        RunDirError: an adapter folder that is missing or holds no adapter, or one trained on another base.
+    """
+    from lorafit.adapters.multi import AdapterBank
+    from lorafit.merge import check_same_base
+    from lorafit.model import load_model
+    from lorafit.sources import resolve_source
+
+    resolved = {name: resolve_source(Path(d)) for name, d in adapters.items()}
+    for name, other in resolved.items():
+        try:
+            check_same_base([src, other])
+        except RunDirError as e:
+            raise RunDirError(f"--adapter {name}={adapters[name]}: {e}") from None
+    model = load_model(src.model)
+    if torch.cuda.is_available() and src.quantization is None:
+        model.to("cuda")
+    model.eval()
+    bank = AdapterBank(model)
+    for name, other in resolved.items():
+        add_adapter(bank, name, other.adapter_dir)
+    return model, bank
+
+
+def add_adapter(bank, name: str, adapter_dir: Path) -> None:
+    """Load the adapter folder onto the bank's base model and hold it under `name`."""
+    from lorafit.adapters.multi import take_adapter_layers
+    from lorafit.checkpoint import load_adapter
+
+    if name in bank.names:
+        raise RunDirError(f"adapter name {name!r} is already loaded; give each adapter its own name")
+    with bank.detached() as model:
+        load_adapter(model, adapter_dir, dropout=0.0)
+        layers = take_adapter_layers(model)
+    bank.add(name, layers)
+
+
 def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: Path | None = None,
-                     console=None, generate_rows: int | None = None) -> dict[str, Any]:
-    """`lorafit eval`: the base model and the adapter on the same eval data, side by side.
+                     console=None, generate_rows: int | None = None,
+                     adapters: dict[str, Path] | None = None) -> dict[str, Any]:
+    """`lorafit eval`: the base model and the adapter (or several named adapters) on the same eval data.
 
     Args:
         source: a run directory (its own eval split), a lorafit adapter folder, or a config file (its data, and
             `output.dir`'s adapter unless `adapter_dir` is given).
         adapter_dir: the adapter to compare with the base.
         json_path: also write the results here: {"base": {"loss", "perplexity", "tokens"}, "adapter": {...},
-            "generation": {...}} (generation only when eval rows have reference outputs).
+            "generation": {...}} (generation only when eval rows have reference outputs); with `adapters`,
+            "adapters": {NAME: {...}} (and "adapter" too when there is exactly one).
         console: a rich Console (default: stdout).
         generate_rows: eval rows decoded greedily by each model for the generation metrics (default
             `GENERATION_ROWS`; 0 skips them).
+        adapters: {NAME: adapter or run folder}: each measured on the same rows, the base loaded once.
 
     Returns:
         The results as written to JSON.
@@ -162,8 +216,14 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
     from lorafit.sources import stop_token_ids
 
     console = console or Console(highlight=False)
-    config, adapter = _eval_inputs(Path(source), Path(adapter_dir) if adapter_dir else None)
-    model, tokenizer, src = _load_for_eval(config, adapter)
+    first = _adapter_folder(next(iter(adapters.values()))) if adapters else None
+    config, adapter = _eval_inputs(Path(source), first or (Path(adapter_dir) if adapter_dir else None))
+    if adapters:
+        model, tokenizer, src, bank = _load_bank(config, adapters)
+        variants = [("base", lambda: bank.use(None))] + [(n, lambda n=n: bank.use(n)) for n in adapters]
+    else:
+        model, tokenizer, src = _load_for_eval(config, adapter)
+        variants = [("base", lambda: adapter_disabled(model)), ("adapter", contextlib.nullcontext)]
     prepared = prepare_examples(config.data, tokenizer, seed=config.train.seed)
     rows = make_rows(prepared.eval, config.data.max_length, config.data.packing)
     if not any(lab != IGNORE_INDEX for r in rows for lab in r.labels):
@@ -173,19 +233,39 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
     cases = generation_cases(prepared.eval, tokenizer, limit) if limit > 0 else []
     stop_ids = stop_token_ids(tokenizer, src)
     accelerator = _SingleProcess(next(model.parameters()).device)
-    results: dict[str, Any] = {}
+    measured: dict[str, Any] = {}
     outputs: dict[str, list[str]] = {}
-    for name in ("base", "adapter"):
-        with adapter_disabled(model) if name == "base" else contextlib.nullcontext():
-            results[name] = evaluate_loss(model, rows, accelerator, config.train.batch_size, tokenizer.pad_token_id)
+    for name, context in variants:
+        with context():
+            measured[name] = evaluate_loss(model, rows, accelerator, config.train.batch_size, tokenizer.pad_token_id)
             outputs[name] = generate_texts(model, tokenizer, cases, stop_ids) if cases else []
+    results = _shaped(measured, list(adapters) if adapters else None)
     if cases:
-        results["generation"] = generation_summary(cases, outputs, tokenizer)
-    print_results(console, results, adapter)
+        results["generation"] = generation_summary(cases, outputs, tokenizer, list(adapters) if adapters else None)
+    if adapters:
+        print_comparison(console, results)
+    else:
+        print_results(console, results, adapter)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"wrote {json_path}")
+    return results
+
+
+def _adapter_folder(path: Path) -> Path:
+    """The adapter folder of a run folder or an adapter folder."""
+    path = Path(path)
+    return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+
+
+def _shaped(measured: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+    """{"base", "adapter"} for one unnamed adapter; {"base", "adapters": {NAME: ...}} (+ "adapter" for exactly one)."""
+    if names is None:
+        return dict(measured)
+    results: dict[str, Any] = {"base": measured["base"], "adapters": {n: measured[n] for n in names}}
+    if len(names) == 1:
+        results["adapter"] = measured[names[0]]
     return results
 
 
@@ -295,15 +375,32 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
             "rouge_l": sum(rouge_l(p, r) for p, r in pairs) / n}
 
 
-def generation_summary(cases: list[GenerationCase], outputs: dict[str, list[str]], tokenizer) -> dict[str, Any]:
-    """The JSON's "generation" entry: scores per model and the first few samples side by side."""
+def generation_summary(cases: list[GenerationCase], outputs: dict[str, list[str]], tokenizer,
+                       names: list[str] | None = None) -> dict[str, Any]:
+    """The JSON's "generation" entry: scores per model and the first few samples side by side.
+
+    `names`: named adapters (`outputs` keyed by them): scores under "adapters": {NAME: ...} (and "adapter" when there
+    is one), each sample's texts under "adapters" too. Without: one adapter, under "adapter".
+    """
     references = [c.reference for c in cases]
-    samples = [{"prompt": tokenizer.decode(c.prompt_ids, skip_special_tokens=True), "reference": c.reference,
-                "base": outputs["base"][i], "adapter": outputs["adapter"][i]}
-               for i, c in enumerate(cases[:SHOWN_SAMPLES])]
-    return {"rows": len(cases), "decoding": "greedy", "max_new_tokens": f"reference length + {GENERATION_MARGIN}",
-            "base": text_scores(outputs["base"], references),
-            "adapter": text_scores(outputs["adapter"], references), "samples": samples}
+    tuned = names or ["adapter"]
+    samples = []
+    for i, c in enumerate(cases[:SHOWN_SAMPLES]):
+        sample = {"prompt": tokenizer.decode(c.prompt_ids, skip_special_tokens=True), "reference": c.reference,
+                  "base": outputs["base"][i]}
+        if names is None or len(names) == 1:
+            sample["adapter"] = outputs[tuned[0]][i]
+        if names is not None:
+            sample["adapters"] = {n: outputs[n][i] for n in names}
+        samples.append(sample)
+    summary = {"rows": len(cases), "decoding": "greedy", "max_new_tokens": f"reference length + {GENERATION_MARGIN}",
+               "base": text_scores(outputs["base"], references)}
+    if names is None or len(names) == 1:
+        summary["adapter"] = text_scores(outputs[tuned[0]], references)
+    if names is not None:
+        summary["adapters"] = {n: text_scores(outputs[n], references) for n in names}
+    summary["samples"] = samples
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -347,3 +444,42 @@ def print_results(console, results: dict[str, Any], adapter: Path) -> None:
 def _tail(text: str, n: int = 80) -> str:
     text = text.strip()
     return text if len(text) <= n else "…" + text[-n:]
+
+
+def print_comparison(console, results: dict[str, Any]) -> None:
+    """The base and every named adapter side by side: one column per adapter, its change vs the base in brackets."""
+    from rich.table import Table
+
+    names = list(results["adapters"])
+    table = Table(title=f"eval: base vs {len(names)} adapter(s)")
+    for column in ("", "base", *names):
+        table.add_column(column, justify="right" if column else "left")
+    rows = [("loss", "loss", ".4f", True), ("perplexity", "perplexity", ".3f", True),
+            ("supervised tokens", "tokens", ",d", None)]
+    for label, key, fmt, lower in rows:
+        table.add_row(label, f"{results['base'][key]:{fmt}}",
+                      *(_cell(results["base"][key], results["adapters"][n][key], fmt, lower) for n in names))
+    generation = results.get("generation")
+    if generation:
+        for key, label in (("exact_match", "exact match"), ("contains", "contains"), ("rouge_l", "ROUGE-L")):
+            table.add_row(f"{label} ({generation['rows']} rows)", f"{generation['base'][key]:.3f}",
+                          *(_cell(generation["base"][key], generation["adapters"][n][key], ".3f", False)
+                            for n in names))
+    console.print(table)
+    if generation and generation["samples"]:
+        samples = Table(title="generations (greedy)", show_lines=True)
+        for column in ("prompt (end)", "reference", "base", *names):
+            samples.add_column(column, overflow="fold")
+        for s in generation["samples"]:
+            samples.add_row(_tail(s["prompt"]), s["reference"], s["base"], *(s["adapters"][n] for n in names))
+        console.print(samples)
+
+
+def _cell(base: float, value: float, fmt: str, lower_is_better: bool | None) -> str:
+    """`value` with its change vs `base` in brackets, green when better."""
+    if lower_is_better is None:
+        return f"{value:{fmt}}"
+    change = value - base
+    colour = "green" if change != 0 and (change < 0) == lower_is_better else "red" if change != 0 else ""
+    shown = f"{change:+{fmt}}"
+    return f"{value:{fmt}} ([{colour}]{shown}[/])" if colour else f"{value:{fmt}} ({shown})"
