@@ -14,7 +14,8 @@ WHEEL_PYTHON ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_in
 WHEEL_HAVE ?=
 WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64 manylinux1_x86_64
-OFFLINE = $(if $(or $(PIP_FIND_LINKS),$(wildcard $(WHEELS)/*.whl)),--no-index $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS)))
+WHEEL_FILES = $(wildcard $(WHEELS)/*.whl)
+OFFLINE = $(if $(or $(PIP_FIND_LINKS),$(WHEEL_FILES)),--no-index $(if $(WHEEL_FILES),--find-links $(WHEELS)))
 GPU_REPORT ?= gpu-report
 
 export HF_HUB_OFFLINE := 1
@@ -36,7 +37,10 @@ install-cuda:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "_lorafit_parent_env.pth").write_text(sys.argv[1])' \
 		"$$($(PYTHON) -c 'import site, sys; print(chr(10).join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')"
-	$(BIN)/pip install --quiet $(OFFLINE) -e . pytest peft
+	$(BIN)/pip install --quiet $(OFFLINE) -e . pytest peft $(if $(WHEEL_FILES),|| { \
+		echo "a requirement is not met by what is installed and $(WHEELS)/: installing those wheels and lorafit unchecked"; \
+		$(BIN)/pip install --quiet $(OFFLINE) --no-deps $(WHEEL_FILES) && $(BIN)/pip install --quiet $(OFFLINE) --no-deps -e . \
+		&& { $(BIN)/pip check || true; }; })
 	@$(BIN)/python -c "import torch, transformers, lorafit; print(f'lorafit {lorafit.__version__}: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}')"
 
 install-cpu:

@@ -318,7 +318,6 @@ def baseline_model(run: dict):
 
 def role_baseline(work: Path, result: Path) -> None:
     """transformers Trainer + peft on the same examples, unpacked, padded per batch; results to `result`."""
-    import datasets
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -326,8 +325,8 @@ def role_baseline(work: Path, result: Path) -> None:
 
     run = json.loads((work / "spec.json").read_text())
     rows, tokenizer, _ = tokenized_rows(work / "lorafit.yaml", packing=False)
-    dataset = datasets.Dataset.from_list([{"input_ids": r.input_ids, "attention_mask": [1] * len(r),
-                                           "labels": r.labels} for r in rows])
+    # a plain list is a map-style dataset to the Trainer: no `datasets` package needed on the GPU machine
+    dataset = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r), "labels": r.labels} for r in rows]
     collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     gpu = torch.cuda.is_available()
     total = math.ceil(len(rows) / run["batch"]) * run["epochs"]
