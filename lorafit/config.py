@@ -98,6 +98,7 @@ class AdapterConfig(_Section):
     method: Literal[ADAPTER_METHODS] = "lora"
     init: Literal[ADAPTER_INITS] = "default"  # pissa/olora: from the weight's SVD/QR; loftq: quantized bases only
     init_iters: Int = Field(1, ge=1)  # loftq: alternating quantize / SVD steps
+    pissa_niter: Int | None = Field(None, ge=0)  # pissa: null = exact SVD; N = randomised SVD, N power iterations
     vera: VeraConfig | None = None  # method vera only; null: the defaults
     adalora: AdaloraConfig | None = None  # method adalora only; null: the defaults
     r: Int = Field(16, ge=1)
@@ -565,6 +566,16 @@ def _adapter_problems(cfg: Config) -> list[str]:
                         "set; use init pissa / olora on a full-precision base, or set model.quantization.bits")
     if a.init != "loftq" and a.init_iters != 1:
         problems.append(f"adapter.init_iters: applies to init loftq only (init is {a.init})")
+    if a.init == "loftq" and a.init_iters != 1:
+        problems.append(f"adapter.init_iters: {a.init_iters}; lorafit's loftq keeps the ordinary quantized load of the "
+                        f"checkpoint as the base, so the saved adapter works on it, and for that base one quantize / "
+                        f"SVD step is already the best rank-r fit (more steps would quantize a changed base, which "
+                        f"the saved adapter could not reproduce); use 1")
+    if a.pissa_niter is not None and a.init != "pissa":
+        problems.append(f"adapter.pissa_niter: applies to init pissa only (init is {a.init})")
+    if a.init in ("pissa", "olora", "loftq") and a.method in ("vera", "adalora"):
+        problems.append(f"adapter.init: {a.init} sets LoRA's A and B from the weight; method {a.method} has no such "
+                        f"pair (use init default, or method lora / dora)")
     if a.method in ("lora_fa", "vera") and cfg.train.lora_plus_ratio is not None:
         trains = "only B (A stays frozen)" if a.method == "lora_fa" else "only scaling vectors (no A or B)"
         problems.append(f"train.lora_plus_ratio: LoRA+ sets B's learning rate relative to A's, and method {a.method} "

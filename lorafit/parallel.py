@@ -75,7 +75,8 @@ def requested_sharding(environ: Mapping[str, str] | None = None) -> Sharding | N
     return Sharding(strategy=strategy, offload_params=_flag(env, "FSDP_OFFLOAD_PARAMS"))
 
 
-def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, optimizer: str) -> None:
+def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, optimizer: str,
+                        init: str = "default") -> None:
     """Refuse the combinations FSDP cannot run, naming the key to change.
 
     Raises:
@@ -88,6 +89,10 @@ def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, o
     if dora:
         problems.append("adapter.method: dora is not supported under FSDP (its magnitude vector lives in the "
                         "decoder layers' frozen units); use lora, or data parallel (DDP)")
+    if init in ("pissa", "olora"):
+        problems.append(f"adapter.init: {init} is not supported under FSDP (its adapter is saved converted against "
+                        f"the initial factors, which FSDP's shards do not hold whole); use init default or loftq, or "
+                        f"data parallel (DDP)")
     if precision == "fp16":
         problems.append("train.precision: fp16 under FSDP needs a sharded loss scaler lorafit does not have; "
                         "use bf16")
@@ -102,7 +107,7 @@ def check_config_fits(cfg) -> None:
     """`check_sharding_fits` for a lorafit Config (train and validate refuse the same things)."""
     q = cfg.model.quantization
     check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
-                        precision=cfg.train.precision, optimizer=cfg.train.optimizer)
+                        precision=cfg.train.precision, optimizer=cfg.train.optimizer, init=cfg.adapter.init)
 
 
 def take_fsdp_request_from_environment() -> None:

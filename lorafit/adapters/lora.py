@@ -123,7 +123,16 @@ class LoraLinear(AdapterLayer):
 
     @classmethod
     def layer_args(cls, settings: dict) -> dict:
-        return {**super().layer_args(settings), "init": settings.get("init", "default")}
+        from lorafit.adapters.svd_init import init_kind
+
+        return {**super().layer_args(settings), "init": init_kind(settings)}
+
+    @classmethod
+    def peft_config(cls, layers: dict, settings: dict) -> dict:
+        """PiSSA / OLoRA layers save as a rank-2r LoRA on the original base (`svd_init.converted_config`)."""
+        from lorafit.adapters.svd_init import converted_config
+
+        return converted_config(layers, settings)
 
     @classmethod
     def param_count(cls, in_features: int, out_features: int, settings: dict) -> int:
@@ -159,6 +168,13 @@ class LoraLinear(AdapterLayer):
         if self.dora:
             state["lora_magnitude_vector"] = self.lora_magnitude_vector.detach()
         return state
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """`adapter_state`, converted to the equivalent LoRA on the original base when the base holds a PiSSA /
+        OLoRA residual (`svd_init.on_original_base`)."""
+        from lorafit.adapters.svd_init import on_original_base
+
+        return on_original_base(self, self.adapter_state())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
