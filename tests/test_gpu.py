@@ -91,10 +91,11 @@ def test_fp16_skips_overflowing_steps_and_resume_restores_the_loss_scale(tmp_pat
     assert train(straight, EAGER) == 0
     rows = _loss_rows(tmp_path / "straight")
     skipped = [r["step"] for r in rows if not math.isfinite(r["grad_norm"])]
-    assert skipped and skipped == list(range(1, len(skipped) + 1))  # the first steps overflow, then none
-    assert len(skipped) < 8 and all(math.isfinite(r["loss"]) for r in rows)
-    # a skipped step does not advance the schedule: the lr after the last skip is the first step's
-    assert rows[len(skipped)]["lr"] == rows[0]["lr"]
+    first_kept = next(i for i, r in enumerate(rows) if math.isfinite(r["grad_norm"]))
+    assert first_kept >= 1 and len(skipped) <= 8  # step 1 overflows at 2**24; a few halvings later, steps count
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # a skipped step does not advance the schedule: the first step taken runs at the first step's lr
+    assert rows[first_kept]["lr"] == rows[0]["lr"]
     # GradScaler halves the scale once per skipped step and grows it only after 2000 clean ones
     ckpt4 = tmp_path / "straight" / "checkpoints" / "step-000004"
     assert _scale(ckpt4) == tiny_initial_loss_scale * 0.5 ** sum(s <= 4 for s in skipped)
@@ -112,7 +113,7 @@ def test_fp16_skips_overflowing_steps_and_resume_restores_the_loss_scale(tmp_pat
     a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["grad_norm"] for r in _loss_rows(resumed)][4:] == [r["grad_norm"] for r in rows][4:]
+    assert [repr(r["grad_norm"]) for r in _loss_rows(resumed)] == [repr(r["grad_norm"]) for r in rows]  # nan-safe
 
 
 # ------------------------------------------------------------------------------------------------ quantized bases
