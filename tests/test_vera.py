@@ -1,0 +1,223 @@
+"""VeRA: shared frozen projections regenerated as PEFT does, trainable scaling vectors, PEFT's VERA format both ways."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import adapter_tensors, make_config, train
+from torch import nn
+
+from lorafit import runstate
+from lorafit.adapters import attach_from_settings, lora_layers, param_groups, param_report
+from lorafit.adapters.vera import VeraLinear, share_projections, vera_projections
+from lorafit.checkpoint import load_adapter
+from lorafit.cli import main
+from lorafit.config import AdapterConfig, load_config
+from lorafit.errors import LorafitError
+from lorafit.parallel import check_config_fits
+from lorafit.plan import make_plan
+
+VERA = ("adapter.method=vera",)
+
+
+def settings(r: int = 4, **kw) -> dict:
+    return AdapterConfig(method="vera", r=r, dropout=0.0, **kw).settings()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def peft_vera(model_dir, tmp_path, *, save_projection: bool, seed: int = 5, targets=("q_proj", "v_proj", "down_proj")):
+    """A PEFT VeRA adapter with random vectors, saved; returns (its folder, the PEFT model)."""
+    from peft import VeraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = VeraConfig(r=4, target_modules=list(targets), projection_prng_key=seed, save_projection=save_projection,
+                        d_initial=0.2)
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vera_lambda" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    out = tmp_path / f"peft-vera-{save_projection}"
+    model.save_pretrained(out)
+    return out, model.eval()
+
+
+def test_projections_are_peft_s_for_the_same_seed(tiny_model, tmp_path):
+    from peft import VeraConfig, get_peft_model
+
+    peft = get_peft_model(tiny_model, VeraConfig(r=4, target_modules="all-linear", projection_prng_key=11))
+    a, b = vera_projections(4, 192, 192, seed=11)  # the tiny Llama's largest in and out: the MLP's 192
+    assert torch.equal(a, peft.base_model.vera_A["default"]) and torch.equal(b, peft.base_model.vera_B["default"])
+
+
+def test_forward_delta_and_merge_follow_the_formula_on_sliced_projections():
+    torch.manual_seed(0)
+    layers = {"wide": VeraLinear(nn.Linear(40, 24), r=4, d_initial=0.1),
+              "tall": VeraLinear(nn.Linear(32, 48), r=4, d_initial=0.1)}
+    shared = share_projections(layers, seed=2)
+    assert shared.vera_A.shape == (4, 40) and shared.vera_B.shape == (48, 4)  # one pair, the largest sizes
+    layer = layers["tall"]
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+        layer.vera_lambda_d.normal_()
+    x = torch.randn(2, 3, 32)
+    a, b = shared.vera_A[:, :32], shared.vera_B[:48, :]
+    lb, ld = layer.vera_lambda_b.detach(), layer.vera_lambda_d.detach()
+    expected = layer.base_layer(x) + lb * ((ld * (x @ a.T)) @ b.T)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.delta(), torch.diag(lb) @ b @ torch.diag(ld) @ a, rtol=1e-5, atol=1e-6)
+        layer.merge()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fresh_adapter_changes_nothing_and_only_the_vectors_train(tiny_model):
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        before = tiny_model(ids).logits
+    attach_from_settings(tiny_model, settings(vera={"d_initial": 0.3}))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(ids).logits, before, rtol=0, atol=0)
+    trainable = {n.rpartition(".")[2] for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable == {"vera_lambda_b", "vera_lambda_d"}
+    layers = lora_layers(tiny_model)
+    assert all(torch.all(layer.vera_lambda_d == 0.3) for layer in layers.values())
+    assert param_report(tiny_model).trainable == sum(layer.out_features + 4 for layer in layers.values())
+    shared = {id(layer.vera_projections) for layer in layers.values()}
+    assert len(shared) == 1  # one pair for the whole model
+    groups = param_groups(tiny_model, lr=1e-3, weight_decay=0.1)
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("no_decay", 0.0)]
+
+
+def test_validate_counts_the_vectors_only(tmp_path, learnable_model_dir, capsys, tiny_model):
+    config = make_config(tmp_path, learnable_model_dir)
+    plan = make_plan(load_config(config, VERA).config, processes=1, fsdp=False)
+    attach_from_settings(tiny_model, settings())
+    assert plan.model.adapter_params == param_report(tiny_model).trainable == 1280 + 14 * 4
+    with pytest.raises(SystemExit) as info:
+        main(["validate", str(config), *VERA])
+    assert info.value.code == 0 and "1.34K trainable" in capsys.readouterr().out
+
+
+def test_a_rank_larger_than_a_target_is_refused_naming_the_key(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir)
+    for command in (["validate"], ["train"]):  # k_proj is 64 in × 32 out
+        with pytest.raises(SystemExit) as info:
+            main([*command, str(config), *VERA, "adapter.r=40"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "adapter.r: 40 is larger than a VeRA target's dimensions" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_plus_rslora_and_fsdp_are_refused(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, lora_plus_ratio=16)
+    assert train(config, *VERA, "adapter.rslora=true") == 2
+    err = capsys.readouterr().err
+    assert "train.lora_plus_ratio" in err and "adapter.rslora" in err
+    cfg = load_config(make_config(tmp_path, learnable_model_dir, name="fsdp"), VERA).config
+    with pytest.raises(LorafitError, match=r"adapter\.method: vera is not supported under FSDP"):
+        check_config_fits(cfg)
+
+
+def test_trains_through_the_cli_saves_peft_vera_and_merges(tmp_path, learnable_model_dir, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(tmp_path, learnable_model_dir, max_steps=4)
+    assert train(config, *VERA, "adapter.vera.projection_seed=9") == 0
+    run = tmp_path / "run"
+    saved = adapter_tensors(run)
+    assert {k.rpartition(".")[2] for k in saved} == {"vera_lambda_b", "vera_lambda_d"}
+    assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("vera_lambda_b"))  # b started at 0: it learned
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["projection_prng_key"], cfg["save_projection"], cfg["r"]) == ("VERA", 9, False, 4)
+    assert "lora_alpha" not in cfg and "use_dora" not in cfg
+    ids = torch.randint(3, 300, (2, 12))
+    ours = AutoModelForCausalLM.from_pretrained(learnable_model_dir, dtype=torch.float32).eval()
+    load_adapter(ours, run / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(learnable_model_dir, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    with torch.no_grad():
+        assert rel(ours(ids).logits, peft(ids).logits) <= 1e-5
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(run), "--out", str(tmp_path / "merged")])
+    assert info.value.code == 0, capsys.readouterr().err  # merge verifies the merged logits itself
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_saved_adapters_load_with_equal_logits_and_merge(tmp_path, learnable_model_dir, capsys,
+                                                              save_projection):
+    from transformers import AutoModelForCausalLM
+
+    folder, peft = peft_vera(learnable_model_dir, tmp_path, save_projection=save_projection)
+    if save_projection:  # the saved pair wins over the key (a key that would regenerate other projections)
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "projection_prng_key": 1234}))
+    ids = torch.randint(3, 300, (2, 12))
+    ours = AutoModelForCausalLM.from_pretrained(learnable_model_dir, dtype=torch.float32).eval()
+    loaded = load_adapter(ours, folder)
+    assert len(loaded.wrapped) == 6 and loaded.r == 4
+    with torch.no_grad():
+        assert rel(ours(ids).logits, peft(ids).logits) <= 1e-5
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(folder), "--out", str(tmp_path / "merged")])
+    assert info.value.code == 0, capsys.readouterr().err
+
+
+def test_resume_equals_a_straight_run(tmp_path, learnable_model_dir, monkeypatch):
+    common = dict(max_steps=6, save_every=2, keep_checkpoints=3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = make_config(tmp_path / "a", learnable_model_dir, **common)
+    crashed = make_config(tmp_path / "b", learnable_model_dir, **common)
+    for cfg in (straight, crashed):  # dropout on: the resumed run must restore the RNG too
+        cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
+    assert train(straight, *VERA) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(runstate, "save_final_adapter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert train(crashed, *VERA) == 130
+    assert train(crashed, *VERA, "--resume") == 0
+    a, b = adapter_tensors(tmp_path / "a" / "run"), adapter_tensors(tmp_path / "b" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_base_trains_and_merges(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=2, gradient_checkpointing="true")
+    quant = ["model.quantization.bits=4", "model.quantization.compute_dtype=float32"]
+    assert train(config, *VERA, *quant) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert info.value.code == 0, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, learnable_model_dir):
+    from test_distributed import torchrun
+    from test_train import metrics
+
+    one = make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, max_steps=2)
+    two = make_config(tmp_path, learnable_model_dir, name="two", batch_size=2, max_steps=2)
+    for cfg in (one, two):
+        cfg.write_text(cfg.read_text().replace("  r: 4", "  method: vera\n  r: 4"))
+    assert train(one) == 0
+    torchrun(two)
+    for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= 1e-4 * abs(x[key]), (x["step"], key)
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if k.endswith("vera_lambda_b"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4 * a[k].abs().max().item())
