@@ -76,7 +76,7 @@ def requested_sharding(environ: Mapping[str, str] | None = None) -> Sharding | N
 
 
 def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, optimizer: str,
-                        init: str = "default") -> None:
+                        init: str = "default", method: str = "lora") -> None:
     """Refuse the combinations FSDP cannot run, naming the key to change.
 
     Raises:
@@ -89,6 +89,12 @@ def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, o
     if dora:
         problems.append("adapter.method: dora is not supported under FSDP (its magnitude vector lives in the "
                         "decoder layers' frozen units); use lora, or data parallel (DDP)")
+    if method == "lora_fa":
+        problems.append("adapter.method: lora_fa is not supported under FSDP (FSDP gathers trainable tensors only, "
+                        "and LoRA-FA's frozen A must be saved too); use lora, or data parallel (DDP)")
+    if method == "vera":
+        problems.append("adapter.method: vera is not supported under FSDP (its frozen projections are shared by "
+                        "layers in different FSDP units); use data parallel (DDP): VeRA's vectors are tiny anyway")
     if init in ("pissa", "olora"):
         problems.append(f"adapter.init: {init} is not supported under FSDP (its adapter is saved converted against "
                         f"the initial factors, which FSDP's shards do not hold whole); use init default or loftq, or "
@@ -107,7 +113,8 @@ def check_config_fits(cfg) -> None:
     """`check_sharding_fits` for a lorafit Config (train and validate refuse the same things)."""
     q = cfg.model.quantization
     check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
-                        precision=cfg.train.precision, optimizer=cfg.train.optimizer, init=cfg.adapter.init)
+                        precision=cfg.train.precision, optimizer=cfg.train.optimizer, init=cfg.adapter.init,
+                        method=cfg.adapter.method)
 
 
 def take_fsdp_request_from_environment() -> None:
