@@ -221,7 +221,11 @@ def param_report(model: nn.Module) -> ParamReport:
     params = list(model.parameters())
     trainable = sum(logical_numel(p) for p in params if p.requires_grad)
     total = sum(logical_numel(p) for p in params)
-    return ParamReport(list(lora_layers(model)), trainable, total)
+    from lorafit.adapters.experts import ExpertLora, expert_target_name
+
+    wrapped = [expert_target_name(n, layer) if isinstance(layer, ExpertLora) else n  # experts by weight, not module
+               for n, layer in lora_layers(model).items()]
+    return ParamReport(wrapped, trainable, total)
 
 
 # Which optimizer group a trainable tensor joins, by the end of its bare name. "lora_B" gets LoRA+'s ratio;
