@@ -221,3 +221,33 @@ def test_two_processes_equal_one(tmp_path, learnable_model_dir):
     assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if k.endswith("vera_lambda_b"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4 * a[k].abs().max().item())
+
+
+def test_several_adapters_per_row_each_see_their_own_projections(tmp_path, learnable_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.adapters.multi import AdapterBank, take_adapter_layers
+
+    folders = {"a": peft_vera(learnable_model_dir, tmp_path, save_projection=False, seed=5)[0],
+               "b": peft_vera(learnable_model_dir, tmp_path / "b", save_projection=True, seed=6,
+                              targets=("k_proj", "up_proj"))[0]}
+    ids = torch.randint(3, 300, (3, 10))
+    alone = {}
+    for name, folder in folders.items():
+        model = AutoModelForCausalLM.from_pretrained(learnable_model_dir, dtype=torch.float32).eval()
+        load_adapter(model, folder)
+        with torch.no_grad():
+            alone[name] = model(ids).logits
+    model = AutoModelForCausalLM.from_pretrained(learnable_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base = model(ids).logits
+    bank = AdapterBank(model)
+    for name, folder in folders.items():
+        with bank.detached() as bare:
+            load_adapter(bare, folder)
+            layers = take_adapter_layers(bare)
+        bank.add(name, layers)
+    with bank.rows(["b", None, "a"]) as mixed, torch.no_grad():
+        out = mixed(ids).logits
+    for row, want in enumerate([alone["b"], base, alone["a"]]):
+        torch.testing.assert_close(out[row], want[row], rtol=1e-5, atol=1e-5)
