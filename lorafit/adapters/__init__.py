@@ -3,6 +3,8 @@
     base.py      the shared layer (frozen base, dequantized weight, merge contract) and quantized-weight helpers
     targets.py   which modules `adapter.targets` / `adapter.exclude` select
     lora.py      LoRA, rsLoRA and DoRA
+    lora_fa.py   LoRA-FA: A frozen, backward keeps only the r-wide projection
+    vera.py      VeRA: shared frozen projections, trained scaling vectors (PEFT's VERA format)
     init.py      how A and B start (`adapter.init`)
     registry.py  `adapter.method` -> layer class
     wrap.py      whole-model operations: attach, unwrap, merge, PEFT-named tensors, optimizer groups
