@@ -227,6 +227,33 @@ def generate(
                      adapters=parse_named(adapter) or None)
 
 
+@app.command()
+def serve(
+    source: Path = typer.Argument(..., help="A run directory, an adapter directory or a model directory.",
+                                  show_default=False, metavar="RUN_OR_MODEL_DIR"),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", show_default=False, metavar="NAME=DIR",
+                                                help="Also serve this adapter under NAME (repeat for several)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on every request."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests decoded together."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0.0,
+                                        help="How long the first request waits for others to share its batch."),
+) -> None:
+    """Serve the base model and its adapters over an OpenAI-compatible HTTP API; the request's "model" picks the
+    adapter, and requests for different adapters share one batch.
+
+    Example:  lorafit serve runs/a --adapter b=runs/b --port 8000
+    Then:     curl localhost:8000/v1/completions -d '{"model": "b", "prompt": "Hello", "max_tokens": 20}'
+    """
+    from lorafit.generate import parse_named
+    from lorafit.serve import serve_command
+
+    serve_command(source, parse_named(adapter), host=host, port=port, api_key=api_key, max_batch=max_batch,
+                  batch_wait=batch_wait_ms / 1000)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors exit 2 with one message, interrupts 130, anything else 1 (traceback with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -53,6 +53,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None  # None: torch's global random state
     stop: Sequence[str] = ()  # stop strings: the text ends before the first one
+    stop_ids: Sequence[int] | None = None  # this row's stop tokens, instead of the batch's `stop_ids`
 
 
 @dataclass
@@ -136,7 +137,8 @@ def decode(model, tokenizer, prompts: list[list[int]], samplings: list[Sampling]
                        use_cache=True, logits_to_keep=1).logits[:, -1, :].float().cpu()  # (B, V)
         for i, row in enumerate(rows):
             if row.finish is None:
-                _advance(row, i, pick_token(logits[i], row.sampling, row.generator), stops, tokenizer, on_text)
+                own = stops if row.sampling.stop_ids is None else set(row.sampling.stop_ids)
+                _advance(row, i, pick_token(logits[i], row.sampling, row.generator), own, tokenizer, on_text)
         if all(row.finish is not None for row in rows):
             break
         chosen = [row.tokens[-1] if row.finish is None else pad for row in rows]
@@ -232,6 +234,26 @@ def generate_command(source: Path, prompt: str, max_new_tokens: int = 128, tempe
 
 def _generate_several(src: Source, tokenizer, ids: list[int], stop: list[int], sampling: Sampling,
                       adapters: dict[str, Path]) -> dict[str, str]:
+    model, bank, named = open_bank(src, adapters)
+    names: list[str | None] = [None, *named]
+    with bank.rows(names):  # one batch: every row the same prompt, each with its adapter
+        completions = decode(model, tokenizer, [ids] * len(names), [sampling] * len(names), stop)
+    replies = {}
+    for name, completion in zip(["base", *named], completions, strict=True):
+        print(f"── {name} ──\n{completion.text}", flush=True)
+        replies[name] = completion.text
+    return replies
+
+
+def open_bank(src: Source, adapters: dict[str, Path]):
+    """The base of `src` loaded once, with the source's own adapter (named after its folder) and each named one.
+
+    Returns:
+        (model, AdapterBank, {name: folder} in the order loaded).
+
+    Raises:
+        LorafitError: a NAME equal to the source's own adapter's name. RunDirError: an adapter of another base.
+    """
     from lorafit.evaluate import load_bank
 
     named = dict(adapters)
@@ -242,14 +264,7 @@ def _generate_several(src: Source, tokenizer, ids: list[int], stop: list[int], s
                                f"another name")
         named = {own: src.path, **named}
     model, bank = load_bank(src if src.adapter_dir is not None else _as_base(src), named)
-    names: list[str | None] = [None, *named]
-    with bank.rows(names):  # one batch: every row the same prompt, each with its adapter
-        completions = decode(model, tokenizer, [ids] * len(names), [sampling] * len(names), stop)
-    replies = {}
-    for name, completion in zip(["base", *named], completions, strict=True):
-        print(f"── {name} ──\n{completion.text}", flush=True)
-        replies[name] = completion.text
-    return replies
+    return model, bank, named
 
 
 def _as_base(src: Source) -> Source:
