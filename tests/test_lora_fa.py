@@ -222,3 +222,14 @@ def test_two_processes_equal_one_with_a_frozen(tmp_path, learnable_model_dir):
     assert_same_training(tmp_path / "one", tmp_path / "two", rtol=1e-4)
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert all(torch.equal(a[k], b[k]) for k in a if "lora_A" in k)  # every process started from the same A
+
+
+def test_with_an_olora_start_a_stays_frozen_and_the_converted_adapter_merges(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=3)
+    assert train(config, *FA, "adapter.init=olora") == 0
+    assert "5,120 trainable" in capsys.readouterr().out  # B only, as with the random start
+    cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8  # saved as the equivalent rank-2r LoRA on the original base
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    assert info.value.code == 0, capsys.readouterr().err

@@ -134,8 +134,13 @@ def test_trains_through_the_cli_saves_peft_vera_and_merges(tmp_path, learnable_m
     from transformers import AutoModelForCausalLM
 
     config = make_config(tmp_path, learnable_model_dir, max_steps=4)
+    config.write_text(config.read_text().replace("  packing: false", "  packing: false\n  eval_fraction: 0.1"))
     assert train(config, *VERA, "adapter.vera.projection_seed=9") == 0
     run = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(run), "--json", str(tmp_path / "eval.json")])
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert info.value.code == 0 and scores["adapter"]["loss"] < scores["base"]["loss"]
     saved = adapter_tensors(run)
     assert {k.rpartition(".")[2] for k in saved} == {"vera_lambda_b", "vera_lambda_d"}
     assert all(saved[k].abs().sum() > 0 for k in saved if k.endswith("vera_lambda_b"))  # b started at 0: it learned
