@@ -5,7 +5,8 @@ For every architecture:
 - the run finishes and saves a PEFT-format adapter;
 - PEFT loads that adapter onto the same base with the same logits as lorafit's own load (≤ 1e-5 relative, fp32);
 - the merged model, reloaded from disk as users load it, gives the adapter's logits (≤ 1e-5 relative);
-- and QLoRA (4-bit nf4) trains and merges where bitsandbytes' CPU kernels take the shapes.
+- and QLoRA (4-bit nf4) trains (and, for Conv1D and MoE models, merges): bitsandbytes' CPU kernels take all
+  these shapes.
 """
 
 from __future__ import annotations
@@ -163,12 +164,17 @@ def test_architecture_trains_merges_and_round_trips_with_peft(arch, tmp_path, zo
         assert max_relative_difference([merged(ids).logits], [ours]) <= 1e-5
 
 
-QLORA = [a for a in ZOO]
+# Every architecture's shapes pass bitsandbytes' CPU 4-bit kernels (hidden 64; k/v projections of 32 rows too).
+# Merging a 4-bit run is checked where it differs: Conv1D weights (quantized transposed) and MoE experts (unquantized).
+QLORA_MERGE = {"gpt2", "mixtral", "qwen3_moe"}
 
 
-@pytest.mark.parametrize("arch", QLORA)
-def test_architecture_trains_and_merges_with_a_4bit_base(arch, tmp_path, zoo_dir):
+@pytest.mark.parametrize("arch", list(ZOO))
+def test_architecture_trains_with_a_4bit_base(arch, tmp_path, zoo_dir, capsys):
     model_dir = zoo_dir(arch)
     quant = "{bits: 4, type: nf4, double_quant: false, compute_dtype: float32}"
-    assert run_cli("train", str(write_config(tmp_path, model_dir, "qrun", quantization=quant))) == 0
-    assert run_cli("merge", str(tmp_path / "qrun"), "--out", str(tmp_path / "qmerged")) == 0
+    assert run_cli("train", str(write_config(tmp_path, model_dir, "qrun", quantization=quant, steps=1))) == 0
+    header = capsys.readouterr().out
+    assert ("4-bit quantizes linear layers only" in header) is (arch in MOE)  # experts stay float32: said so
+    if arch in QLORA_MERGE:
+        assert run_cli("merge", str(tmp_path / "qrun"), "--out", str(tmp_path / "qmerged")) == 0
