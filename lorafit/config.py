@@ -590,6 +590,12 @@ def _adapter_problems(cfg: Config) -> list[str]:
     if a.method == "adalora" and ada.init_r < a.r:
         problems.append(f"adapter.adalora.init_r: {ada.init_r} is below adapter.r ({a.r}), the average rank AdaLoRA "
                         f"prunes down to; set adapter.adalora.init_r >= r (e.g. 1.5 × r) or lower adapter.r")
+    if a.method == "adalora" and a.rslora:
+        problems.append("adapter.rslora: AdaLoRA scales its update by alpha / adalora.init_r (as PEFT, which has no "
+                        "rsLoRA for it); remove rslora or use method lora")
+    if a.method == "adalora" and a.init == "gaussian":
+        problems.append("adapter.init: gaussian sets LoRA's A and B; AdaLoRA starts its singular values at 0 and its "
+                        "vectors at N(0, 0.02) (as PEFT); use init default")
     if a.method == "adalora" and ada.tinit + ada.tfinal >= 1:
         problems.append(f"adapter.adalora.tfinal: tinit + tfinal = {ada.tinit + ada.tfinal:g} leaves no steps for "
                         f"pruning; keep their sum below 1")

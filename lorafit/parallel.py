@@ -95,6 +95,10 @@ def check_sharding_fits(*, quant_bits: int | None, dora: bool, precision: str, o
     if method == "vera":
         problems.append("adapter.method: vera is not supported under FSDP (its frozen projections are shared by "
                         "layers in different FSDP units); use data parallel (DDP): VeRA's vectors are tiny anyway")
+    if method == "adalora":
+        problems.append("adapter.method: adalora is not supported under FSDP (its rank allocator scores and prunes "
+                        "whole singular-value triplets from every layer's weights and gradients, which FSDP holds "
+                        "in shards); use lora, or data parallel (DDP)")
     if init in ("pissa", "olora"):
         problems.append(f"adapter.init: {init} is not supported under FSDP (its adapter is saved converted against "
                         f"the initial factors, which FSDP's shards do not hold whole); use init default or loftq, or "

@@ -26,6 +26,7 @@ from lorafit.config import Config, config_diff
 from lorafit.errors import ConfigError, DiskFullError, RunDirError, disk_full_reason
 
 CHECKPOINTS = "checkpoints"
+METHOD_STATE = "method_state.pt"  # the adapter method's training state (AdaLoRA's importance scores and ranks)
 CONFIG_HEADER = "# Resolved by lorafit train (extends and overrides applied). --resume compares against it.\n"
 
 
@@ -236,8 +237,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler, progress, keep: int) -> Path:
+def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler, progress, keep: int,
+                        hooks=None) -> Path:
     """Write `checkpoints/step-NNNNNN/` atomically (all processes call this; rank 0 writes the shared parts).
+
+    `hooks` (the adapter method's `TrainingHooks`) with a state (AdaLoRA's importance scores) add `method_state.pt`.
 
     Under FSDP the weights and optimizer state are gathered whole first, so the files are the same as one
     process would write (the optimizer's keyed by parameter name rather than position, and `state.json` says so).
@@ -262,6 +266,9 @@ def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler,
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:  # fp16 loss scale: without it a resumed run skips steps anew
             _torch_save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        method_state = hooks.state_dict() if hooks is not None else {}
+        if method_state:  # the same on every process (it follows the shared adapter), so rank 0's is the state
+            _torch_save(method_state, tmp / METHOD_STATE)
 
     def seal() -> None:
         state = {"step": progress.step, "tokens": progress.tokens, "supervised": progress.supervised,
@@ -372,8 +379,9 @@ def _rotate(run_dir: Path, keep: int) -> None:
 # ------------------------------------------------------------------------------------------------ load
 
 
-def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler) -> Progress:
-    """Restore weights, optimizer, scheduler, this process's RNG and progress from the newest whole checkpoint.
+def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler, hooks=None) -> Progress:
+    """Restore weights, optimizer, scheduler, this process's RNG and progress from the newest whole checkpoint,
+    and the adapter method's state into `hooks` when the checkpoint has one.
 
     Checkpoints are tried newest first; one whose files are damaged (cut short, changed, missing, unreadable) is
     skipped with a warning saying why, and renamed `damaged-step-NNNNNN` so it is never taken as the newest again.
@@ -406,6 +414,8 @@ def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler)
     scheduler.load_state_dict(files["scheduler.pt"])
     if accelerator.scaler is not None and "scaler.pt" in files:
         accelerator.scaler.load_state_dict(files["scaler.pt"])
+    if hooks is not None and METHOD_STATE in files:
+        hooks.load_state_dict(files[METHOD_STATE])
     _set_rng_state(files[f"rng-{accelerator.process_index}.pt"])
     metrics = state["metrics"]
     if accelerator.is_main_process:
@@ -469,8 +479,9 @@ def _read_checkpoint(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, A
             raise _Damaged(f"{name} has changed since it was saved (SHA-256 differs)")
     loaders = {"trainable.safetensors": lambda p: load_file(p),
                "optimizer.pt": _torch_load, "scheduler.pt": _torch_load, f"rng-{rank}.pt": _torch_load}
-    if (ckpt / "scaler.pt").is_file():
-        loaders["scaler.pt"] = _torch_load
+    for optional in ("scaler.pt", METHOD_STATE):
+        if (ckpt / optional).is_file():
+            loaders[optional] = _torch_load
     files = {}
     for name, load in loaders.items():
         if not (ckpt / name).is_file():
