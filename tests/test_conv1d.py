@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
+from rundirs import ALPHA, R
 
 from lorafit.adapters import attach_lora, find_targets, lora_layers, unwrap_lora
 from lorafit.checkpoint import load_adapter, save_adapter
-from rundirs import ALPHA, R
 
 VOCAB = 128
 
