@@ -147,7 +147,8 @@ def quantized_layer_names(source: Source, samples: list[torch.Tensor]) -> tuple[
 
 
 @torch.no_grad()
-def apply_quantization_roundtrip(model, names: list[str], quant, weight_dtype: torch.dtype) -> None:
+def apply_quantization_roundtrip(model, names: list[str], quant, weight_dtype: torch.dtype,
+                                 initial: dict[str, torch.Tensor] | None = None) -> None:
     """Replace each named layer's float32 weight by its quantize -> dequantize round trip.
 
     Args:
@@ -155,15 +156,23 @@ def apply_quantization_roundtrip(model, names: list[str], quant, weight_dtype: t
         names: the layers bitsandbytes quantized in training.
         quant: the run's QuantizationConfig (bits, type, double_quant).
         weight_dtype: the dtype the base was loaded in before quantizing (model.dtype of the run).
+        initial: PiSSA / OLoRA runs: {layer: s·B0 A0}; those layers trained on the round trip of W − s·B0 A0, and
+            get it plus s·B0 A0, so the converted adapter on top is the trained model (`svd_init.residual_roundtrip`).
     """
     from lorafit.adapters import quantize_roundtrip
+    from lorafit.adapters.svd_init import residual_roundtrip
     from lorafit.adapters.targets import is_conv1d
+
+    def roundtrip(w: torch.Tensor) -> torch.Tensor:
+        return quantize_roundtrip(w, quant.bits, quant.type, quant.double_quant)
 
     for name in names:
         layer = model.get_submodule(name)
         # bitsandbytes quantized a Conv1D's (in, out) weight transposed, as the (out, in) of the layer it became
         weight = layer.weight.T if is_conv1d(layer) else layer.weight
-        restored = quantize_roundtrip(weight.to(weight_dtype), quant.bits, quant.type, quant.double_quant)
+        part = (initial or {}).get(name)
+        restored = roundtrip(weight.to(weight_dtype)) if part is None else \
+            residual_roundtrip(weight.to(weight_dtype), part, roundtrip)
         weight.copy_(restored.float())
 
 
@@ -174,8 +183,21 @@ def load_full_precision_base(source: Source, quantized_names: list[str]):
     model = load_model(source.model.model_copy(update={"dtype": "float32", "quantization": None}), device_map="cpu")
     quant = source.quantization
     if quant is not None:
-        apply_quantization_roundtrip(model, quantized_names, quant, getattr(torch, source.model.dtype))
+        apply_quantization_roundtrip(model, quantized_names, quant, getattr(torch, source.model.dtype),
+                                     initial=_initial_parts(source))
     return model
+
+
+def _initial_parts(source: Source) -> dict[str, torch.Tensor]:
+    """A PiSSA / OLoRA run's {layer: s·B0 A0}, read off its converted adapter (`svd_init.initial_parts`); else {}."""
+    from lorafit.adapters import lora_scale
+    from lorafit.adapters.svd_init import RESIDUAL_INITS, initial_parts
+    from lorafit.checkpoint import _read_tensors
+
+    a = source.config.adapter if source.config is not None else None
+    if a is None or a.init not in RESIDUAL_INITS:
+        return {}
+    return initial_parts(_read_tensors(source.adapter_dir), a.r, lora_scale(a.r, a.alpha, a.rslora))
 
 
 def fold_adapter(model) -> int:
@@ -274,6 +296,8 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
     tokenizer = load_source_tokenizer(src)
     samples = sample_inputs(tokenizer)
     names, kernel_logits = quantized_layer_names(src, samples) if src.quantization else ([], None)
+    if src.config is not None and src.config.adapter.init in ("pissa", "olora"):
+        kernel_logits = None  # the run's base was the quantized residual, not this ordinary load: nothing to compare
 
     console.print(f"merging {src.adapter_dir} into {src.model.path} (float32)")
     model = load_full_precision_base(src, names)

@@ -344,8 +344,12 @@ def original_weights(cfg: ModelConfig, names: list[str], tokenizer=None) -> dict
     """
     import gc
 
+    from lorafit.adapters.targets import is_conv1d
+
     model = load_model(cfg.model_copy(update={"quantization": None}), device_map="cpu", tokenizer=tokenizer)
-    weights = {name: model.get_submodule(name).weight.detach() for name in names}
+    modules = {name: model.get_submodule(name) for name in names}
+    # (out, in) as bitsandbytes holds it: a Conv1D's (in, out) weight transposed
+    weights = {name: m.weight.detach().T if is_conv1d(m) else m.weight.detach() for name, m in modules.items()}
     del model
     gc.collect()
     return weights

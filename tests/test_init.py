@@ -327,3 +327,54 @@ def test_residual_inits_are_refused_under_fsdp(init):
 
     with pytest.raises(LorafitError, match=f"adapter.init: {init} is not supported under FSDP"):
         parallel.check_sharding_fits(quant_bits=None, dora=False, precision="bf16", optimizer="adamw", init=init)
+
+
+def test_cli_4bit_pissa_run_merges_into_the_model_it_trained(tmp_path, learnable_model_dir, capsys):
+    """The run trained on Q(W − s·B0 A0) + s·B A; merge rebuilds exactly that, not Q(W) + the converted adapter."""
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(tmp_path, learnable_model_dir, max_steps=3)
+    quant = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    assert train(config, "adapter.init=pissa", "model.quantization.bits=4",
+                 "model.quantization.compute_dtype=float32") == 0
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert info.value.code == 0, capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+
+    # The trained model in exact math, rebuilt independently: the same init on a fresh 4-bit load (before any forward,
+    # so its weights dequantize exactly), those weights in a float32 model, and the trained A, B on top.
+    quantized, _ = quantized_with_originals(learnable_model_dir, quant, "pissa")
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    exact = AutoModelForCausalLM.from_pretrained(str(learnable_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, layer in lora_layers(quantized).items():
+            exact.get_submodule(name).weight.copy_(dequantized_weight(layer.base_layer).float())
+    attach_lora(exact, "all-linear", r=R, alpha=ALPHA)
+    with torch.no_grad():
+        for name, layer in lora_layers(exact).items():
+            layer.lora_A.weight.copy_(saved[f"base_model.model.{name}.lora_A.weight"][:R])
+            layer.lora_B.weight.copy_(saved[f"base_model.model.{name}.lora_B.weight"][:, :R])
+    ids = sample_ids(merged.config.vocab_size)
+    assert rel(logits(merged, ids), logits(exact, ids)) < 1e-5
+
+    naive = load_model(str(learnable_model_dir), dtype="float32", quantization=quant)  # the ordinary 4-bit load
+    load_adapter(naive, run / "adapter")
+    assert rel(logits(naive, ids), logits(exact, ids)) > 0.1  # why merge must not use Q(W): measured ~1
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_svd_inits_on_gpt2_conv1d_layers_start_at_the_base_and_save_for_peft(init, tmp_path):
+    from peft import PeftModel
+    from test_conv1d import build_gpt2, ids
+
+    model = build_gpt2()
+    attach_from_settings(model, settings(init=init, targets=["c_attn", "c_fc"]))
+    assert rel(logits(model, ids()), logits(build_gpt2(), ids())) < 1e-5
+    train_a_little(model)
+    trained = logits(model, ids())
+    out = save_adapter(model, tmp_path / "a", base_model_name_or_path="gpt2", r=R, alpha=ALPHA, dropout=0.0,
+                       targets=["c_attn", "c_fc"], settings=settings(init=init))
+    theirs = PeftModel.from_pretrained(build_gpt2(), str(out)).eval()
+    assert rel(logits(theirs, ids()), trained) < 1e-5

@@ -35,7 +35,7 @@ import math
 import torch
 from torch import nn
 
-from lorafit.adapters.base import _bnb, dequantized_weight, is_quantized
+from lorafit.adapters.base import _bnb, is_quantized
 from lorafit.errors import LorafitError
 
 SVD_INITS = ("pissa", "olora", "loftq")  # inits computed from the weight
@@ -122,7 +122,8 @@ def keep_original_weights(model: nn.Module, weights: dict[str, torch.Tensor]) ->
 
     Args:
         model: the quantized base model, before the adapter is attached.
-        weights: {module name: (out, in) weight in the dtype the quantized load quantized from}.
+        weights: {module name: (out, in) weight in the dtype the quantized load quantized from (a Conv1D's
+            transposed, as bitsandbytes quantizes it)}.
     """
     for name, weight in weights.items():
         setattr(model.get_submodule(name), ORIGINAL_WEIGHT, weight)
@@ -144,7 +145,7 @@ def _original_weight(layer, kind: str) -> torch.Tensor:
     if is_quantized(base) and kind == "loftq":
         raise LorafitError("adapter.init: loftq needs the full-precision weights of the quantized layers (lorafit "
                            "train loads them); this layer has only its quantized weight")
-    return dequantized_weight(base).to(torch.float32)
+    return layer.base_weight(torch.float32)  # (out, in), also for a Conv1D's (in, out) storage
 
 
 @torch.no_grad()
@@ -171,17 +172,19 @@ def init_from_weight(layer, kind: str) -> None:
         a0, b0 = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()  # in the adapter dtype
         layer.register_buffer("lora_A0", a0, persistent=False)
         layer.register_buffer("lora_B0", b0, persistent=False)
-        _set_base_weight(layer.base_layer, weight - layer.scale * (b0.float() @ a0.float()))
+        _set_base_weight(layer, weight - layer.scale * (b0.float() @ a0.float()))
     if hasattr(layer.base_layer, ORIGINAL_WEIGHT):
         delattr(layer.base_layer, ORIGINAL_WEIGHT)  # read once; the memory goes back
 
 
-def _set_base_weight(base: nn.Module, residual: torch.Tensor) -> None:
-    """Put the residual (float32) in the base layer's place: cast to its dtype, or quantized as the ordinary
-    4/8-bit load quantizes a weight (from the dtype the original weight was loaded in)."""
+def _set_base_weight(layer, residual: torch.Tensor) -> None:
+    """Put the residual (float32, (out, in)) in the base layer's place: cast to its dtype, or quantized as the
+    ordinary 4/8-bit load quantizes a weight (from the dtype the original weight was loaded in)."""
+    base = layer.base_layer
     kept = getattr(base, ORIGINAL_WEIGHT, None)
     if not is_quantized(base):
-        base.weight.data = residual.to(base.weight.dtype)  # a new tensor: the checkpoint's storage is not written
+        stored = residual.T.contiguous() if getattr(layer, "fan_in_fan_out", False) else residual  # Conv1D: (in, out)
+        base.weight.data = stored.to(base.weight.dtype)  # a new tensor: the checkpoint's storage is not written
         return
     source = residual.to(kept.dtype if kept is not None else torch.float32)
     bnb, old, device = _bnb(), base.weight, base.weight.device
@@ -217,3 +220,35 @@ def converted_config(layers: dict, settings: dict) -> dict:
         return {}
     alpha = settings["alpha"] * (math.sqrt(2) if settings.get("rslora") else 2)
     return {"r": 2 * settings["r"], "lora_alpha": alpha, "init_lora_weights": True}
+
+
+def initial_parts(tensors: dict[str, torch.Tensor], r: int, scale: float) -> dict[str, torch.Tensor]:
+    """{module name: s·B0 @ A0} read back from a converted adapter's PEFT-named tensors (A' = [A ; A0],
+    B' = [B | −B0]), computed as the init computed it.
+
+    A run on a 4/8-bit base trained on Q(W − s·B0 A0) + s·B A; merge rebuilds that base from W and these parts
+    (`residual_roundtrip`), so the merged model is the trained one rather than Q(W) plus the converted adapter.
+    """
+    from lorafit.adapters.wrap import group_by_module
+
+    parts = {}
+    for name, group in group_by_module(tensors).items():
+        a, b = group["lora_A.weight"], group["lora_B.weight"]
+        if a.shape[0] == 2 * r:
+            parts[name] = scale * ((-b[:, r:]).float() @ a[r:].float())
+    return parts
+
+
+def residual_roundtrip(weight: torch.Tensor, part: torch.Tensor, roundtrip) -> torch.Tensor:
+    """The weight a PiSSA / OLoRA layer on a quantized base computed with, plus its initial part:
+    roundtrip(W − s·B0 A0) + s·B0 A0, float32.
+
+    Args:
+        weight: W in the dtype the base was loaded in for quantizing (model.dtype).
+        part: s·B0 @ A0 (`initial_parts`).
+        roundtrip: quantize -> dequantize of a weight in that dtype (`base.quantize_roundtrip` with the run's
+            settings).
+    """
+    residual = (weight.float() - part).to(weight.dtype)  # as `_set_base_weight` casts it before quantizing
+    return roundtrip(residual).float() + part
+
