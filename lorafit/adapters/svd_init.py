@@ -25,7 +25,10 @@ same matrix as the residual + s·B A it was trained on.
 On a 4/8-bit base the full-precision W is needed (the quantized layer no longer has it): the caller loads it and
 hands it over with `keep_original_weights` before attaching. PiSSA / OLoRA then quantize the residual, computed from
 W, in place of the layer's weight, exactly as the ordinary load quantizes a weight (same dtype, block size, type).
-Without it they fall back to the dequantized weight (as PEFT does); LoftQ refuses.
+Without it they fall back to the dequantized weight (as PEFT does); LoftQ refuses. Such a run trained on
+Q(W − s·B0 A0) + s·B A, which the converted adapter on the ordinary Q(W) only approximates (by about the
+quantization error); `lorafit merge` rebuilds the trained base exactly from W and the saved A0, B0
+(`initial_parts`, `residual_roundtrip`).
 """
 
 from __future__ import annotations
