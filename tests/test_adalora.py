@@ -311,6 +311,46 @@ def test_resume_in_the_middle_of_the_schedule_is_bit_exact(trained_run, tmp_path
     assert patterns[0] == patterns[1]
 
 
+@pytest.mark.parametrize("quantization", [dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+                                          dict(load_in_8bit=True)])
+def test_quantized_base_trains_and_prunes(tiny_model_dir, vocab, quantization):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=BitsAndBytesConfig(**quantization),
+                                                 device_map="cpu", dtype=torch.float32)
+    attach_adapter(model, "all-linear", method="adalora", r=INIT_R, alpha=ALPHA)
+    hooks = AdaLoraLinear.training_hooks(lora_layers(model), _settings(tinit=0.25), 4)  # prune at 2, 3; final 4
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids(vocab)
+    for step in range(1, 5):
+        (model(ids, labels=ids).loss + hooks.regularizer()).backward()
+        optimizer.step()
+        hooks.after_step(step)
+        optimizer.zero_grad()
+    layers = lora_layers(model).values()
+    assert all(type(m.base_layer).__name__ in ("Linear4bit", "Linear8bitLt") for m in layers)
+    assert sum(int(m.kept.sum()) for m in layers) == R * len(layers)
+    assert all(m.lora_E[~m.kept].abs().sum() == 0 for m in layers) and any(m.lora_E.abs().sum() > 0 for m in layers)
+
+
+@pytest.mark.slow
+def test_two_processes_prune_like_one(tmp_path, learnable_model_dir):
+    from test_distributed import torchrun
+
+    one = _config(tmp_path, learnable_model_dir, "one", steps=6)
+    two = _config(tmp_path, learnable_model_dir, "two", steps=6, batch_size=2)
+    for cfg in (one, two):
+        cfg.write_text(cfg.read_text().replace("dropout: 0.1", "dropout: 0.0"))
+    assert _train(one) == 0
+    torchrun(two)
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
+    patterns = [json.loads((tmp_path / d / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+                for d in ("one", "two")]
+    assert patterns[0] == patterns[1] and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("override, key", [("adapter.rslora=true", "adapter.rslora"),
                                            ("adapter.init=gaussian", "adapter.init"),
                                            ("adapter.adalora.init_r=1", "adapter.adalora.init_r")])
