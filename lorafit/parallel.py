@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafit.errors import LorafitError, RunDirError
 from lorafit.adapters import bare_name
+from lorafit.errors import LorafitError, RunDirError
 
 # Accelerate writes the strategy by name (or, in old configs, by FSDP's enum number).
 SHARDING_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD"}

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from lorafit.adapters import attach_lora, lora_layers
 from lorafit.checkpoint import save_adapter
 from lorafit.config import load_config
-from lorafit.adapters import attach_lora, lora_layers
 
 R, ALPHA = 4, 12.0  # alpha != r, so a merge that forgot the scale would show
 

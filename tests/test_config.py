@@ -118,7 +118,8 @@ def test_near_miss_inside_a_list_item_keeps_the_index(tmp_path):
         ("adapter:\n  r: 0\n", "adapter.r: input should be greater than or equal to 1 (got 0)"),
         ("adapter:\n  dropout: 1.5\n", "adapter.dropout: input should be less than 1"),
         ("train:\n  lr: -0.1\n", "train.lr: input should be greater than 0"),
-        ("train:\n  scheduler: cosin\n", "train.scheduler: must be one of 'cosine', 'linear' or 'constant' (got 'cosin'; did you mean 'cosine'?)"),
+        ("train:\n  scheduler: cosin\n",
+         "train.scheduler: must be one of 'cosine', 'linear' or 'constant' (got 'cosin'; did you mean 'cosine'?)"),
         ("adapter:\n  method: vra\n", "adapter.method: must be one of 'lora', 'dora', 'lora_fa', 'vera' or 'adalora' "
                                        "(got 'vra'; did you mean 'vera'?)"),
         ("adapter:\n  init: pisa\n", "adapter.init: must be one of 'default', 'gaussian', 'pissa', 'olora' or 'loftq' "

@@ -34,8 +34,8 @@ def _train_adapter_briefly(run_dir, model_dir, tokenizer, fmt="alpaca", steps=25
     """A real (tiny) fine-tune with a plain PyTorch loop: the adapter must then beat the base on its data."""
     from transformers import AutoModelForCausalLM
 
-    from lorafit.data import build_datasets, causal_lm_loss, collate
     from lorafit.adapters import attach_lora
+    from lorafit.data import build_datasets, causal_lm_loss, collate
 
     cfg = config_dict(run_dir, model_dir, fmt=fmt)
     config = load_config(write_config(run_dir, cfg)).config

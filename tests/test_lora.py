@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from conftest import build_tiny_llama
 from torch import nn
 
-from lorafit.errors import LorafitError, TargetNotFoundError
 from lorafit.adapters import (
     LoraLinear,
     attach_lora,
@@ -28,6 +27,7 @@ from lorafit.adapters import (
     unmerge_lora,
     unwrap_lora,
 )
+from lorafit.errors import LorafitError, TargetNotFoundError
 from lorafit.model import enable_checkpointing
 
 R, ALPHA = 4, 12.0  # alpha != r, so a scale mix-up (alpha/r vs alpha vs 1) shows
