@@ -330,13 +330,22 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
     base = "full precision" if q is None else (
         f"4-bit {q.type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}"
         if q.bits == 4 else "8-bit (LLM.int8)")
-    scale = a.alpha / math.sqrt(a.r) if a.rslora else a.alpha / a.r
+    settings = a.settings()
+    rank = settings["adalora"]["init_r"] if a.method == "adalora" else a.r  # AdaLoRA divides by init_r
+    scale = a.alpha / math.sqrt(rank) if a.rslora else a.alpha / rank
+    adapter = f"{a.method} r={a.r} alpha={a.alpha:g} scale={scale:.4g}{' (rsLoRA)' if a.rslora else ''}"
+    if a.method == "vera":  # no alpha: the trained vectors carry the scale
+        adapter = f"vera r={a.r} (shared projections, seed {settings['vera']['projection_seed']}), " \
+                  f"d_initial={settings['vera']['d_initial']:g}"
+    elif a.method == "adalora":
+        adapter = f"adalora rank {rank} -> average {a.r}, alpha={a.alpha:g} scale={scale:.4g}"
+    if a.init != "default":
+        adapter += f", init {a.init}"
     rows = [
         ("model", f"{cfg.model.path} ({cfg.model.dtype}, "
                   f"{plan.attention.describe() if plan.attention else cfg.model.attention + ' attention'})"),
         ("base weights", base),
-        ("adapter", f"{a.method} r={a.r} alpha={a.alpha:g} scale={scale:.4g}{' (rsLoRA)' if a.rslora else ''} "
-                    f"dropout={a.dropout:g}"),
+        ("adapter", f"{adapter} dropout={a.dropout:g}"),
         ("precision", f"{t.precision}, gradient checkpointing {_checkpointing_text(cfg, plan)}"),
     ]
     m = plan.model

@@ -171,16 +171,17 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0 + 8 / 256, "paged_adamw_8bit"
 
 
 def disk_needed(trainable: int, optimizer: str, keep: int, total_steps: int, save_every: int,
-                param_bytes: int = 4) -> DiskNeed:
+                param_bytes: int = 4, method_state: int = 0) -> DiskNeed:
     """What a run writes, estimated from its trainable parameter count.
 
     A checkpoint holds the trainable weights (`param_bytes` each, fp32) and the optimizer state (AdamW: two fp32
     moments per weight; 8-bit AdamW: two 8-bit moments plus an fp32 scale per 256-weight block). At most `keep`
     periodic checkpoints exist at once, plus the one being written before the oldest is removed (or the one an
-    interrupt writes); the adapter holds the weights once more.
+    interrupt writes); the adapter holds the weights once more. `method_state`: bytes an adapter method adds to
+    each checkpoint (`method_state.pt`: AdaLoRA's importance scores, LoRA-FA's frozen A).
     """
     periodic = (max(total_steps - 1, 0) // save_every) if save_every else 0
-    checkpoint = int(trainable * (param_bytes + OPTIMIZER_BYTES[optimizer])) + CHECKPOINT_FIXED_BYTES
+    checkpoint = int(trainable * (param_bytes + OPTIMIZER_BYTES[optimizer])) + method_state + CHECKPOINT_FIXED_BYTES
     return DiskNeed(checkpoint=checkpoint, adapter=trainable * param_bytes, checkpoints=min(keep, periodic) + 1)
 
 

@@ -247,7 +247,8 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
         schedule.steps_per_epoch(len(train_rows), t.batch_size * t.grad_accum * accelerator.num_processes)
     total_steps = t.max_steps or per_epoch * t.epochs
     hooks = training_hooks(parallel.unwrap(model), cfg.adapter.settings(), total_steps)  # e.g. AdaLoRA's pruning
-    disk = runstate.disk_needed(counts.trainable, t.optimizer, t.keep_checkpoints, total_steps, t.save_every)
+    disk = runstate.disk_needed(counts.trainable, t.optimizer, t.keep_checkpoints, total_steps, t.save_every,
+                                method_state=hooks.state_bytes(counts.trainable))
     _on_main_then_all(accelerator, runstate.prepare_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path,
                       disk=disk)
     optimizer = _build_optimizer(cfg, model)  # after sharding: FSDP's parameters are the ones to optimize

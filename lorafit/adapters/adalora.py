@@ -239,6 +239,10 @@ class RankAllocator(TrainingHooks):
         self.ema_unc: dict[str, torch.Tensor] = {}  # its uncertainty's EMA
         self.budget = self.init_budget
 
+    def state_bytes(self, trainable: int) -> int:
+        """Two fp32 EMAs (importance, uncertainty) per trainable value, filled in once pruning starts."""
+        return 8 * trainable
+
     def regularizer(self) -> torch.Tensor | None:
         """orth_reg_weight · mean over every A and B of ||A Aᵀ - I||_F, ||Bᵀ B - I||_F (each (r, r))."""
         if self.orth_reg_weight == 0 or not self.layers:

@@ -127,8 +127,9 @@ class TrainingHooks:
     """What a method adds to the training loop (AdaLoRA's regulariser and rank pruning). The default adds nothing.
 
     The loop calls `regularizer()` once per optimizer step (its value is added to the last micro-batch's loss),
-    `after_step(step)` right after the optimizer step (step counted from 1), and saves / restores
-    `state_dict()` with every checkpoint so a resumed run continues bit-exactly.
+    `after_step(step)` right after the optimizer step and before the gradients are zeroed (step counted from 1:
+    the gradients of this step are still on the parameters), and saves / restores `state_dict()` with every
+    checkpoint (`method_state.pt`) so a resumed run continues bit-exactly.
     """
 
     def regularizer(self) -> torch.Tensor | None:
@@ -142,6 +143,23 @@ class TrainingHooks:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def state_bytes(self, trainable: int) -> int:
+        """About how many bytes `state_dict()` adds to each checkpoint (for the free-disk check at start);
+        by default what it holds now."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self.state_dict()))
+
+
+def _tensors(obj):
+    """Every tensor in a nested dict / list / tuple."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
 
 
 class AdapterLayer(nn.Module):
