@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import adapter_tensors, make_config, train
+from test_train import adapter_tensors, make_config, straight_and_resumed, train
 from torch import nn
 
 from lorafit import runstate
@@ -164,24 +164,12 @@ def test_trains_through_the_cli_keeps_a_and_loads_in_peft_and_merges(tmp_path, l
     assert info.value.code == 0, capsys.readouterr().err  # merge verifies the merged logits itself
 
 
-def test_resume_restores_a_from_the_checkpoint_and_equals_a_straight_run(tmp_path, learnable_model_dir, monkeypatch):
-    common = dict(max_steps=6, save_every=2, keep_checkpoints=3)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    straight = make_config(tmp_path / "a", learnable_model_dir, **common)
-    crashed = make_config(tmp_path / "b", learnable_model_dir, **common)
-    for cfg in (straight, crashed):  # dropout on: the resumed run must restore the RNG too
-        cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
-    assert train(straight, *FA) == 0
-    with monkeypatch.context() as patch:
-        patch.setattr(runstate, "save_final_adapter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert train(crashed, *FA) == 130
-    run = tmp_path / "b" / "run"
-    ckpt = run / "checkpoints" / "step-000004"
+def test_resume_restores_a_from_the_checkpoint_and_equals_a_straight_run(tmp_path, learnable_model_dir):
+    straight, resumed = straight_and_resumed(tmp_path, learnable_model_dir, *FA)
+    ckpt = resumed / "checkpoints" / "step-000004"
     state = torch.load(ckpt / runstate.METHOD_STATE, weights_only=True)["lora_A"]
     assert len(state) == 14 and "lora_A.weight" not in "".join(load_file(ckpt / "trainable.safetensors"))
-    assert train(crashed, *FA, "--resume") == 0
-    a, b = adapter_tensors(tmp_path / "a" / "run"), adapter_tensors(run)
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for name, tensor in state.items():
         assert torch.equal(b[f"base_model.model.{name}.lora_A.weight"], tensor)

@@ -64,6 +64,27 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
+def straight_and_resumed(tmp_path: Path, model_dir: Path, *args: str) -> tuple[Path, Path]:
+    """Two runs of 6 steps with dropout 0.1 and a checkpoint every 2: one straight through, one interrupted at its
+    end (after the step-4 checkpoint, before the adapter is written) and then resumed. Returns their run folders;
+    a resume that restores everything gives the same adapter bit for bit.
+    """
+    from lorafit import runstate
+
+    configs = []
+    for name in ("straight", "resumed"):
+        (tmp_path / name).mkdir()
+        config = make_config(tmp_path / name, model_dir, max_steps=6, save_every=2, keep_checkpoints=3)
+        config.write_text(config.read_text().replace("dropout: 0.0", "dropout: 0.1"))  # the RNG must resume too
+        configs.append(config)
+    assert train(configs[0], *args) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runstate, "save_final_adapter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert train(configs[1], *args) == 130
+    assert train(configs[1], *args, "--resume") == 0
+    return tmp_path / "straight" / "run", tmp_path / "resumed" / "run"
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

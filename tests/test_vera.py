@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from test_train import adapter_tensors, make_config, train
+from test_train import adapter_tensors, make_config, straight_and_resumed, train
 from torch import nn
 
-from lorafit import runstate
 from lorafit.adapters import attach_from_settings, lora_layers, param_groups, param_report
 from lorafit.adapters.vera import VeraLinear, share_projections, vera_projections
 from lorafit.checkpoint import load_adapter
@@ -181,20 +180,9 @@ def test_peft_saved_adapters_load_with_equal_logits_and_merge(tmp_path, learnabl
     assert info.value.code == 0, capsys.readouterr().err
 
 
-def test_resume_equals_a_straight_run(tmp_path, learnable_model_dir, monkeypatch):
-    common = dict(max_steps=6, save_every=2, keep_checkpoints=3)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    straight = make_config(tmp_path / "a", learnable_model_dir, **common)
-    crashed = make_config(tmp_path / "b", learnable_model_dir, **common)
-    for cfg in (straight, crashed):  # dropout on: the resumed run must restore the RNG too
-        cfg.write_text(cfg.read_text().replace("dropout: 0.0", "dropout: 0.1"))
-    assert train(straight, *VERA) == 0
-    with monkeypatch.context() as patch:
-        patch.setattr(runstate, "save_final_adapter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert train(crashed, *VERA) == 130
-    assert train(crashed, *VERA, "--resume") == 0
-    a, b = adapter_tensors(tmp_path / "a" / "run"), adapter_tensors(tmp_path / "b" / "run")
+def test_resume_equals_a_straight_run(tmp_path, learnable_model_dir):
+    straight, resumed = straight_and_resumed(tmp_path, learnable_model_dir, *VERA)
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
