@@ -11,6 +11,12 @@ weight is copied). An `AdapterBank` owns the model's multi-adapter layers and on
                   added with index_add_; other methods: their forward on those rows). Rows with None get the base.
                   A row's result depends only on its own inputs, so a request served alone and in a mixed batch
                   takes the same path (PEFT's mixed-batch inference works the same way).
+                  MoE expert layers (`ExpertLora`) see the block's tokens flattened row-major, (B·T, hidden), with
+                  their routing (top-k indices and weights, (B·T, k)), not rows: each adapter runs on its rows'
+                  tokens (every token-aligned argument selected alike) and its output replaces theirs.
+
+Several weights of one experts module nest (ExpertLora around ExpertLora around the experts module): the outermost
+layer stands for the module, the inner ones ride inside it, and the bare experts module is the shared base.
 
 Adapters are added (`add`) and removed (`remove`) at run time. This module loads no files: the caller attaches an
 adapter with `lorafit.checkpoint.load_adapter` inside `bank.detached()` and hands the layers over with
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from lorafit.adapters.base import AdapterLayer
+from lorafit.adapters.experts import ExpertLora
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.wrap import lora_layers
 from lorafit.errors import LorafitError
@@ -37,14 +44,21 @@ class Selection:
     def __init__(self) -> None:
         self.whole: str | None = None  # every row: this adapter (None: the base), unless `groups` is set
         self.groups: dict[str, torch.Tensor] | None = None  # per row: adapter -> row indices (B_k,)
+        self.batch = 0  # B, the rows of the batches `groups` indexes
 
     def set_rows(self, names: Sequence[str | None], device: torch.device) -> None:
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             if name is not None:
                 groups.setdefault(name, []).append(i)
-        self.whole = None
+        self.whole, self.batch = None, len(names)
         self.groups = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in groups.items()}
+
+    def save(self) -> tuple:
+        return self.whole, self.groups, self.batch
+
+    def restore(self, saved: tuple) -> None:
+        self.whole, self.groups, self.batch = saved
 
 
 class MultiAdapterLinear(nn.Module):
@@ -56,11 +70,15 @@ class MultiAdapterLinear(nn.Module):
         self.selection = selection
         self.adapters: dict[str, AdapterLayer] = {}  # a plain dict: names are free text; weights stay where loaded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
+        """The wrapped module's own arguments: x for a linear layer; (hidden_states, routing...) for experts."""
         sel = self.selection
         if sel.groups is None:
             layer = self.adapters.get(sel.whole) if sel.whole is not None else None
-            return self.base_layer(x) if layer is None else layer(x)
+            return self.base_layer(*args, **kwargs) if layer is None else layer(*args, **kwargs)
+        if any(isinstance(layer, ExpertLora) for layer in self.adapters.values()):
+            return self._expert_rows(args, kwargs)
+        (x,) = args
         result = self.base_layer(x)  # (B, T, out)
         for name, rows in sel.groups.items():
             layer = self.adapters.get(name)
@@ -75,17 +93,56 @@ class MultiAdapterLinear(nn.Module):
                 result = result.index_copy(0, rows, layer(x_rows).to(result.dtype))
         return result
 
+    def _expert_rows(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Per-row adapters on an experts module, which gets N = B·T tokens (row-major: tokens i·T .. i·T+T-1 are
+        row i's) with their routing, or B rows: each adapter's forward on its rows' tokens replaces theirs."""
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tokens, batch = tensors[0].shape[0], self.selection.batch
+        if batch < 1 or tokens % batch:
+            raise LorafitError(f"per-row adapters: an experts module got {tokens} tokens, not a whole number per row "
+                               f"of the batch of {batch}; run one adapter per batch (AdapterBank.use)")
+        per_row = tokens // batch  # T (1 when the module gets rows, not flattened tokens)
+        result = self.base_layer(*args, **kwargs)  # (N, hidden)
+        for name, rows in self.selection.groups.items():
+            layer = self.adapters.get(name)
+            if layer is None:
+                continue  # this adapter does not adapt this module: its tokens keep the base output
+            index = (rows[:, None] * per_row + torch.arange(per_row, device=rows.device)).flatten()  # (B_k·T,)
+            out = layer(*[_tokens_of(a, index, tokens) for a in args],
+                        **{k: _tokens_of(v, index, tokens) for k, v in kwargs.items()})
+            result = result.index_copy(0, index.to(result.device), out.to(result.dtype))
+        return result
+
     def extra_repr(self) -> str:
         return f"adapters={sorted(self.adapters)}"
 
 
+def _tokens_of(arg, index: torch.Tensor, tokens: int):
+    """`arg` at the token positions `index` when it is token-aligned (hidden states, top-k indices and weights: first
+    dimension `tokens`); any other argument as it is."""
+    if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] == tokens:
+        return arg.index_select(0, index.to(arg.device))
+    return arg
+
+
 def take_adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Remove the model's adapter layers without merging (each base layer goes back) and return them; they keep
-    wrapping the model's own base layers."""
+    """Remove the model's adapter layers without merging (each base layer goes back) and return them by module name;
+    they keep wrapping the model's own base layers. Nested layers come back as their outermost, under the module's
+    name, and the module itself (not an inner layer) goes back."""
     layers = lora_layers(model)
-    for name, layer in layers.items():
-        model.set_submodule(name, layer.base_layer)
-    return layers
+    # nested layers (two weights of one experts module): the outermost stands for the module, inner ones ride in it
+    outermost = {name: layer for name, layer in layers.items()
+                 if not (name.endswith(".base_layer") and name.removesuffix(".base_layer") in layers)}
+    for name, layer in outermost.items():
+        model.set_submodule(name, innermost_base(layer))
+    return outermost
+
+
+def innermost_base(layer: nn.Module) -> nn.Module:
+    """The model's own module under an adapter layer and any adapter layers nested inside it."""
+    while isinstance(layer, AdapterLayer):
+        layer = layer.base_layer
+    return layer
 
 
 class AdapterBank:
@@ -124,7 +181,7 @@ class AdapterBank:
                 base = self.model.get_submodule(module)
                 multi = self.layers[module] = MultiAdapterLinear(base, self.selection)
                 self.model.set_submodule(module, multi)
-            if layer.base_layer is not multi.base_layer:
+            if innermost_base(layer) is not multi.base_layer:
                 raise LorafitError(f"adapter {name!r}: its layer {module} wraps another model's weights")
             layer.eval()
             multi.adapters[name] = layer
@@ -143,12 +200,12 @@ class AdapterBank:
         """Every row runs adapter `name` (None: the base) inside the block."""
         if name is not None and name not in self.names:
             raise LorafitError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names) or 'none'})")
-        previous = self.selection.whole, self.selection.groups
+        previous = self.selection.save()
         self.selection.whole, self.selection.groups = name, None
         try:
             yield self.model
         finally:
-            self.selection.whole, self.selection.groups = previous
+            self.selection.restore(previous)
 
     @contextlib.contextmanager
     def rows(self, names: Sequence[str | None]) -> Iterator[nn.Module]:
@@ -156,9 +213,9 @@ class AdapterBank:
         unknown = [n for n in names if n is not None and n not in self.names]
         if unknown:
             raise LorafitError(f"no adapter named {unknown[0]!r} is loaded (loaded: {', '.join(self.names) or 'none'})")
-        previous = self.selection.whole, self.selection.groups
+        previous = self.selection.save()
         self.selection.set_rows(names, next(self.model.parameters()).device)
         try:
             yield self.model
         finally:
-            self.selection.whole, self.selection.groups = previous
+            self.selection.restore(previous)
