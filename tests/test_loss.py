@@ -24,7 +24,7 @@ def packed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
         examples.append(D.Example(ids, [D.IGNORE_INDEX] * prompt + ids[prompt:]))
     rows = D.make_rows(examples, max_length=48, packing=True)
     prompt_only = D.Example([3, 7, 9], [D.IGNORE_INDEX] * 3)
-    return D.collate(rows + [D.make_row([prompt_only])], pad_id=0)
+    return D.collate([*rows, D.make_row([prompt_only])], pad_id=0)
 
 
 def lora_model(tokenizer, gradient_checkpointing: bool = False):
