@@ -28,23 +28,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 # label -> config overrides (on top of the setup's config). VeRA's shared projections make a large r cheap: its
-# trainable parameters grow with r only through d (r per layer), so it runs at a larger rank, as in the paper.
+# trainable parameters grow with r only through d (r per layer), so it runs at a larger rank, as in the paper, and
+# once more at 10× the learning rate (the paper trains its few scaling vectors at much higher rates than LoRA).
+# "LR×10" stands for ten times the setup's own train.lr.
 RUNS = {
     "lora": ["adapter.method=lora"],
     "dora": ["adapter.method=dora"],
     "lora_fa": ["adapter.method=lora_fa"],
     "vera": ["adapter.method=vera", "adapter.r=128"],
+    "vera_lr10": ["adapter.method=vera", "adapter.r=128", "LR×10"],
     "adalora": ["adapter.method=adalora", "adapter.r=8", "adapter.adalora.init_r=16"],
     "pissa": ["adapter.init=pissa"],
     "olora": ["adapter.init=olora"],
     "qlora": ["model.quantization.bits=4"],
     "loftq": ["adapter.init=loftq", "model.quantization.bits=4"],
 }
-TRAINABLE = re.compile(r"([\d,]+) trainable of ([\d,]+) parameters")
+TRAINABLE = re.compile(r"([\d,]+) trainable / ")  # the run header's "adapter: N modules wrapped, X trainable / Y"
 TABLE_START, TABLE_END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
 
 
@@ -53,25 +58,28 @@ def lorafit(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lorafit", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def setup_config(setup: str, work: Path, steps: int) -> tuple[Path, list[str]]:
-    """(config path, extra overrides) for a setup; the small setup's model and data are written under `work`."""
+def setup_config(setup: str, work: Path, steps: int) -> tuple[Path, float]:
+    """(config path, its train.lr) for a setup; the small setup's model and data are written under `work`."""
     if setup == "quickstart":
-        return ROOT / "configs" / "tiny-quickstart.yaml", []
+        path = ROOT / "configs" / "tiny-quickstart.yaml"
+        return path, float(yaml.safe_load(path.read_text())["train"]["lr"])
     import bench
 
+    (work / "assets").mkdir(parents=True, exist_ok=True)
     run = bench.write_assets(work / "assets", "small", epochs=1, qlora=False)
     config = bench.lorafit_config(run, rows_per_step=8, out_dir=work / "unused")
     config["train"].update(max_steps=steps, log_every=5)
     config["data"]["eval_fraction"] = 0.1
     path = work / "small.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    return path, []
+    return path, float(config["train"]["lr"])
 
 
-def measure(label: str, config: Path, overrides: list[str], out: Path, generate: int) -> dict:
+def measure(label: str, config: Path, lr: float, out: Path, generate: int) -> dict:
     """Train one method and evaluate it; a failed run is reported with its last error line, not raised."""
+    overrides = [f"train.lr={10 * lr:g}" if o == "LR×10" else o for o in RUNS[label]]
     started = time.perf_counter()
-    trained = lorafit("train", str(config), *overrides, *RUNS[label], f"output.dir={out}")
+    trained = lorafit("train", str(config), *overrides, f"output.dir={out}")
     if trained.returncode != 0:
         return {"method": label, "error": (trained.stderr.strip().splitlines() or ["?"])[-1][:200]}
     wall = time.perf_counter() - started
@@ -84,6 +92,7 @@ def measure(label: str, config: Path, overrides: list[str], out: Path, generate:
         return {"method": label, "error": "eval: " + (evaluated.stderr.strip().splitlines() or ["?"])[-1][:200]}
     result = json.loads((out / "eval.json").read_text())
     adapter = result.get("adapter") or next(iter(result["adapters"].values()))
+    generation = result.get("generation", {}).get("adapter", {})
     return {
         "method": label,
         "trainable": int(found.group(1).replace(",", "")) if found else None,
@@ -94,7 +103,7 @@ def measure(label: str, config: Path, overrides: list[str], out: Path, generate:
         "wall_s": wall,
         "base_loss": result["base"]["loss"],
         "loss": adapter["loss"],
-        "exact_match": adapter.get("exact_match"),
+        "exact_match": generation.get("exact_match"),
     }
 
 
@@ -146,11 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafit-methods-"))
     sections = [f"Measured by `scripts/compare_methods.py` on {machine()}."]
     for setup in args.setups.split(","):
-        config, overrides = setup_config(setup, work / setup, args.small_steps)
+        config, lr = setup_config(setup, work / setup, args.small_steps)
         results = []
         for label in methods:
             print(f"[{setup}] {label} ...", flush=True)
-            results.append(measure(label, config, overrides, work / setup / label, args.generate))
+            results.append(measure(label, config, lr, work / setup / label, args.generate))
             print(json.dumps(results[-1]), flush=True)
         sections.append(table(setup, results))
         (work / f"{setup}.json").write_text(json.dumps(results, indent=1))
