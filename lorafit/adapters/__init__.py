@@ -5,9 +5,12 @@
     lora.py      LoRA, rsLoRA and DoRA
     lora_fa.py   LoRA-FA: A frozen, backward keeps only the r-wide projection
     vera.py      VeRA: shared frozen projections, trained scaling vectors (PEFT's VERA format)
-    init.py      how A and B start (`adapter.init`)
+    adalora.py   AdaLoRA: SVD-form updates, importance scores and rank pruning during training (PEFT's ADALORA)
+    experts.py   MoE models' fused 3-D expert weights: a low-rank update per expert (PEFT's target_parameters)
+    init.py      how A and B start (`adapter.init`): default, gaussian; svd_init.py: pissa, olora, loftq
     registry.py  `adapter.method` -> layer class
     wrap.py      whole-model operations: attach, unwrap, merge, PEFT-named tensors, optimizer groups
+    multi.py     several named adapters on one base, chosen per batch or per row (eval, generate, serve)
 
 Everything public is importable from `lorafit.adapters`.
 """

@@ -26,6 +26,7 @@ from torch import nn
 
 from lorafit.adapters.base import AdapterLayer, TrainingHooks
 from lorafit.adapters.lora import LoraLinear
+from lorafit.errors import RunDirError
 
 
 class _FrozenAProduct(torch.autograd.Function):
@@ -90,7 +91,8 @@ class FrozenA(TrainingHooks):
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("lora_A", {})
         if set(saved) != set(self.layers):
-            raise ValueError(f"the checkpoint's LoRA-FA state covers {len(saved)} layers, the model has {len(self.layers)}")
+            raise RunDirError(f"the checkpoint's LoRA-FA state covers {len(saved)} layers and the model has "
+                              f"{len(self.layers)}: it was saved by a run with other adapter.targets")
         for name, layer in self.layers.items():
             layer.lora_A.weight.copy_(saved[name])
 
