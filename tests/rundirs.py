@@ -94,3 +94,19 @@ def make_run(tmp_path: Path, model_dir: Path, tokenizer, *, name: str = "run", z
     if not zero:
         randomize_adapter(model, dora=a["method"] == "dora")
     return save_run(run, model, tokenizer, cfg)
+
+
+def base_model(model_dir: Path):
+    """The saved base model, float32, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def with_adapter(model_dir: Path, run: Path):
+    """The base model with `run`'s adapter attached alone (the reference for several adapters on one base)."""
+    from lorafit.checkpoint import load_adapter
+
+    model = base_model(model_dir)
+    load_adapter(model, run / "adapter", dropout=0.0)
+    return model.eval()

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from rundirs import make_run
+from rundirs import base_model, make_run, with_adapter
 
 from lorafit.adapters.multi import AdapterBank
-from lorafit.checkpoint import load_adapter
 from lorafit.cli import main
 from lorafit.evaluate import add_adapter, evaluate_command
 from lorafit.generate import Sampling, decode, generate_command
@@ -31,20 +30,10 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     return {"a": a, "b": b}
 
 
-def _base(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
-def _alone(model_dir, run):
-    model = _base(model_dir)
-    load_adapter(model, run / "adapter", dropout=0.0)
-    return model.eval()
-
-
-def test_per_row_adapters_in_one_batch_equal_each_adapter_alone(runs, tiny_model_dir):
-    model = _base(tiny_model_dir)
+def test_per_row_adapters_in_one_batch_equal_each_adapterwith_adapter(runs, tiny_model_dir):
+    model = base_model(tiny_model_dir)
     bank = AdapterBank(model)
     for name, run in runs.items():
         add_adapter(bank, name, run / "adapter")
@@ -54,9 +43,9 @@ def test_per_row_adapters_in_one_batch_equal_each_adapter_alone(runs, tiny_model
             mixed = model(input_ids=ids).logits
         with bank.use("b"):
             whole_b = model(input_ids=ids).logits
-        expected = {"a": _alone(tiny_model_dir, runs["a"])(input_ids=ids).logits,
-                    "b": _alone(tiny_model_dir, runs["b"])(input_ids=ids).logits,
-                    None: _base(tiny_model_dir)(input_ids=ids).logits}
+        expected = {"a": with_adapter(tiny_model_dir, runs["a"])(input_ids=ids).logits,
+                    "b": with_adapter(tiny_model_dir, runs["b"])(input_ids=ids).logits,
+                    None: base_model(tiny_model_dir)(input_ids=ids).logits}
     for row, name in enumerate(["a", None, "b", "a"]):
         torch.testing.assert_close(mixed[row], expected[name][row], rtol=1e-5, atol=1e-5)
     assert torch.equal(whole_b, expected["b"])  # the whole-batch path is the adapter's own forward, bit for bit
@@ -69,7 +58,7 @@ def test_per_row_adapters_in_one_batch_equal_each_adapter_alone(runs, tiny_model
 def test_decode_greedy_matches_transformers_generate_and_padding_does_not_change_a_row(tiny_model_dir, tiny_tokenizer):
     from transformers import GenerationConfig
 
-    model = _base(tiny_model_dir)
+    model = base_model(tiny_model_dir)
     prompts = [tiny_tokenizer(t)["input_ids"] for t in ("Reverse the word: stone", "def add(a, b):", "hello")]
     greedy = Sampling(max_new_tokens=12)
     batch = decode(model, tiny_tokenizer, prompts, [greedy] * 3, stop_ids=[])
@@ -84,7 +73,7 @@ def test_decode_greedy_matches_transformers_generate_and_padding_does_not_change
 
 
 def test_decode_stops_at_stop_strings_and_streams_exactly_the_text(tiny_model_dir, tiny_tokenizer):
-    model = _base(tiny_model_dir)
+    model = base_model(tiny_model_dir)
     prompt = tiny_tokenizer("The quick brown fox")["input_ids"]
     full = decode(model, tiny_tokenizer, [prompt], [Sampling(max_new_tokens=20)], stop_ids=[])[0].text
     stop = full[len(full) // 2: len(full) // 2 + 2]
@@ -121,7 +110,7 @@ def test_eval_with_named_adapters_has_one_column_and_json_entry_each(runs, tmp_p
     assert one["adapter"] == one["adapters"]["only"]
 
 
-def test_generate_with_named_adapters_answers_each_as_alone(runs, capsys):
+def test_generate_with_named_adapters_answers_each_aswith_adapter(runs, capsys):
     replies = generate_command(runs["a"], "Reverse the word: stone", max_new_tokens=10, adapters={"bee": runs["b"]})
     assert list(replies) == ["base", "a", "bee"]
     assert replies["a"] == generate_command(runs["a"], "Reverse the word: stone", max_new_tokens=10)

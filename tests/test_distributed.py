@@ -32,6 +32,20 @@ def torchrun(config: Path, *args: str, wait: bool = True, fsdp: bool = False):
     return out
 
 
+def one_and_two_processes(tmp_path: Path, model_dir: Path, method: str) -> tuple[Path, Path]:
+    """`adapter.method` trained for 2 steps by one process at batch 4 and by two (torchrun, gloo) at batch 2: the
+    same global batch, so the same updates. Returns the two run folders."""
+    from test_train import make_config, train
+
+    one = make_config(tmp_path, model_dir, name="one", batch_size=4, max_steps=2)
+    two = make_config(tmp_path, model_dir, name="two", batch_size=2, max_steps=2)
+    for cfg in (one, two):
+        cfg.write_text(cfg.read_text().replace("  r: 4", f"  method: {method}\n  r: 4"))
+    assert train(one) == 0
+    torchrun(two)
+    return tmp_path / "one", tmp_path / "two"
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, learnable_model_dir, grad_accum):
     one = make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, grad_accum=grad_accum, max_steps=2)

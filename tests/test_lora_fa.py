@@ -198,17 +198,12 @@ def test_lora_plus_and_fsdp_are_refused_naming_the_key(tmp_path, learnable_model
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_a_frozen(tmp_path, learnable_model_dir):
-    from test_distributed import torchrun
+    from test_distributed import one_and_two_processes
     from test_train import assert_same_training
 
-    one = make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, max_steps=2)
-    two = make_config(tmp_path, learnable_model_dir, name="two", batch_size=2, max_steps=2)
-    for cfg in (one, two):
-        cfg.write_text(cfg.read_text().replace("  r: 4", "  method: lora_fa\n  r: 4"))
-    assert train(one) == 0
-    torchrun(two)
-    assert_same_training(tmp_path / "one", tmp_path / "two", rtol=1e-4)
-    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    one, two = one_and_two_processes(tmp_path, learnable_model_dir, "lora_fa")
+    assert_same_training(one, two, rtol=1e-4)
+    a, b = adapter_tensors(one), adapter_tensors(two)
     assert all(torch.equal(a[k], b[k]) for k in a if "lora_A" in k)  # every process started from the same A
 
 

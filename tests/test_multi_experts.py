@@ -10,12 +10,11 @@ import json
 
 import pytest
 import torch
-from rundirs import make_run
+from rundirs import base_model, make_run, with_adapter
 
 from lorafit.adapters import lora_layers
 from lorafit.adapters.experts import ExpertLora
 from lorafit.adapters.multi import AdapterBank, take_adapter_layers
-from lorafit.checkpoint import load_adapter
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.evaluate import add_adapter, evaluate_command
@@ -68,16 +67,6 @@ def moe(tmp_path_factory, tiny_tokenizer):
     return get
 
 
-def _base(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-
-
-def _alone(model_dir, run):
-    model = _base(model_dir)
-    load_adapter(model, run / "adapter", dropout=0.0)
-    return model.eval()
 
 
 def _experts(model):
@@ -86,8 +75,8 @@ def _experts(model):
 
 def test_runs_adapt_expert_weights_nested_and_single(moe):
     model_dir, runs = moe("mixtral")
-    a = lora_layers(_alone(model_dir, runs["a"]))
-    b = lora_layers(_alone(model_dir, runs["b"]))
+    a = lora_layers(with_adapter(model_dir, runs["a"]))
+    b = lora_layers(with_adapter(model_dir, runs["b"]))
     assert {"model.layers.0.mlp.experts", "model.layers.0.mlp.experts.base_layer"} <= set(a)
     assert isinstance(a["model.layers.0.mlp.experts"].base_layer, ExpertLora)  # gate_up_proj inside down_proj
     assert isinstance(b["model.layers.0.mlp.experts"], ExpertLora)
@@ -96,7 +85,7 @@ def test_runs_adapt_expert_weights_nested_and_single(moe):
 
 def test_taking_nested_expert_layers_puts_the_bare_experts_module_back(moe):
     model_dir, runs = moe("mixtral")
-    model = _alone(model_dir, runs["a"])
+    model = with_adapter(model_dir, runs["a"])
     ids = torch.arange(5, 29).view(2, 12)  # (B, T)
     layers = take_adapter_layers(model)
     assert type(_experts(model)).__name__ == "MixtralExperts" and lora_layers(model) == {}
@@ -105,22 +94,22 @@ def test_taking_nested_expert_layers_puts_the_bare_experts_module_back(moe):
     assert outer.base_layer.base_layer is _experts(model)
     assert not any(name.endswith(".base_layer") for name in layers)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, _base(model_dir)(input_ids=ids).logits)
+        assert torch.equal(model(input_ids=ids).logits, base_model(model_dir)(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_whole_batch_and_per_row_expert_adapters_equal_each_adapter_alone(moe, arch):
+def test_whole_batch_and_per_row_expert_adapters_equal_each_adapterwith_adapter(moe, arch):
     model_dir, runs = moe(arch)
-    model = _base(model_dir)
+    model = base_model(model_dir)
     bank = AdapterBank(model)
     for name, run in runs.items():
         add_adapter(bank, name, run / "adapter")
     ids = torch.randint(3, 300, (4, 7), generator=torch.Generator().manual_seed(3))  # (B, T)
     names = ["a", None, "b", "a"]
     with torch.no_grad():
-        expected = {"a": _alone(model_dir, runs["a"])(input_ids=ids).logits,
-                    "b": _alone(model_dir, runs["b"])(input_ids=ids).logits,
-                    None: _base(model_dir)(input_ids=ids).logits}
+        expected = {"a": with_adapter(model_dir, runs["a"])(input_ids=ids).logits,
+                    "b": with_adapter(model_dir, runs["b"])(input_ids=ids).logits,
+                    None: base_model(model_dir)(input_ids=ids).logits}
         for name in ("a", "b", None):
             with bank.use(name):
                 assert torch.equal(model(input_ids=ids).logits, expected[name]), name  # each its own forward
@@ -138,7 +127,7 @@ def test_whole_batch_and_per_row_expert_adapters_equal_each_adapter_alone(moe, a
     assert (expected["a"] - expected["b"]).abs().max() > 1e-2
 
 
-def test_generate_with_expert_adapters_decodes_as_each_alone(moe, tiny_tokenizer, capsys):
+def test_generate_with_expert_adapters_decodes_as_eachwith_adapter(moe, tiny_tokenizer, capsys):
     model_dir, runs = moe("mixtral")
     replies = generate_command(runs["a"], PROMPT, max_new_tokens=10, adapters={"bee": runs["b"]})
     assert list(replies) == ["base", "a", "bee"]
@@ -148,19 +137,19 @@ def test_generate_with_expert_adapters_decodes_as_each_alone(moe, tiny_tokenizer
     # the tokens, not only the text: the bank's mixed batch against each model with its adapter attached directly
     ids = prompt_ids(tiny_tokenizer, resolve_source(runs["a"]), PROMPT)
     greedy = Sampling(max_new_tokens=10)
-    model = _base(model_dir)
+    model = base_model(model_dir)
     bank = AdapterBank(model)
     for name, run in runs.items():
         add_adapter(bank, name, run / "adapter")
     with bank.rows([None, "a", "b"]):
         mixed = decode(model, tiny_tokenizer, [ids] * 3, [greedy] * 3, stop_ids=[])
     alone = [decode(m, tiny_tokenizer, [ids], [greedy], stop_ids=[])[0].token_ids
-             for m in (_base(model_dir), _alone(model_dir, runs["a"]), _alone(model_dir, runs["b"]))]
+             for m in (base_model(model_dir), with_adapter(model_dir, runs["a"]), with_adapter(model_dir, runs["b"]))]
     assert [c.token_ids for c in mixed] == alone
     assert alone[1] != alone[0] and alone[2] != alone[0]
 
 
-def test_eval_with_two_expert_adapters_equals_each_alone(moe, tmp_path):
+def test_eval_with_two_expert_adapters_equals_eachwith_adapter(moe, tmp_path):
     _, runs = moe("mixtral")
     out = tmp_path / "eval.json"
     with pytest.raises(SystemExit) as info:
@@ -178,7 +167,7 @@ def test_eval_with_two_expert_adapters_equals_each_alone(moe, tmp_path):
 
 def test_per_row_names_that_do_not_match_the_batch_are_refused_at_the_experts(moe):
     model_dir, runs = moe("mixtral")
-    model = _base(model_dir)
+    model = base_model(model_dir)
     bank = AdapterBank(model)
     for name, run in runs.items():
         add_adapter(bank, name, run / "adapter")

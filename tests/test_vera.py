@@ -198,19 +198,14 @@ def test_qlora_base_trains_and_merges(tmp_path, learnable_model_dir, capsys):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, learnable_model_dir):
-    from test_distributed import torchrun
+    from test_distributed import one_and_two_processes
     from test_train import metrics
 
-    one = make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, max_steps=2)
-    two = make_config(tmp_path, learnable_model_dir, name="two", batch_size=2, max_steps=2)
-    for cfg in (one, two):
-        cfg.write_text(cfg.read_text().replace("  r: 4", "  method: vera\n  r: 4"))
-    assert train(one) == 0
-    torchrun(two)
-    for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+    one, two = one_and_two_processes(tmp_path, learnable_model_dir, "vera")
+    for x, y in zip(metrics(one), metrics(two), strict=True):
         for key in ("loss", "grad_norm"):
             assert abs(x[key] - y[key]) <= 1e-4 * abs(x[key]), (x["step"], key)
-    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    a, b = adapter_tensors(one), adapter_tensors(two)
     assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if k.endswith("vera_lambda_b"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4 * a[k].abs().max().item())
