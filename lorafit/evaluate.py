@@ -156,9 +156,11 @@ def load_bank(src, adapters: dict[str, Path]):
     from lorafit.adapters.multi import AdapterBank
     from lorafit.merge import check_same_base
     from lorafit.model import load_model
-    from lorafit.sources import resolve_source
+    from lorafit.sources import resolve_source, warn_residual_base
 
     resolved = {name: resolve_source(Path(d)) for name, d in adapters.items()}
+    for other in (src, *resolved.values()):
+        warn_residual_base(other)
     for name, other in resolved.items():
         try:
             check_same_base([src, other])

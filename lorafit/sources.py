@@ -149,6 +149,21 @@ def stop_token_ids(tokenizer, source: Source) -> list[int]:
     return sorted(end_token_ids(tokenizer, template, chat=is_chat_run(source)))
 
 
+def residual_base_note(source: Source) -> str | None:
+    """Why a PiSSA / OLoRA run on a 4/8-bit base cannot be reproduced on the ordinary quantized load, or None.
+
+    Such a run trained on the quantization of the residual W − s·B0 A0; its saved adapter is the rank-2r LoRA
+    equivalent on W, exact in full precision but not on top of Q(W). `lorafit merge` rebuilds the trained model.
+    """
+    cfg = source.config
+    if source.quantization is None or cfg is None or cfg.adapter.init not in ("pissa", "olora"):
+        return None
+    return (f"this run trained init {cfg.adapter.init} on a {source.quantization.bits}-bit base: its base was the "
+            f"quantized residual, and the ordinary {source.quantization.bits}-bit load used here plus the saved "
+            f"(converted) adapter differs from the trained model; for exact results merge it first (lorafit merge "
+            f"RUN --out DIR) and use the merged folder")
+
+
 def load_inference_model(source: Source):
     """The model `eval` and `generate` run: a merged model as saved, or the base (as trained, quantized for QLoRA)
     with the adapter attached, in eval mode. Full-precision models go to the GPU when there is one."""
@@ -158,6 +173,7 @@ def load_inference_model(source: Source):
     from lorafit.model import load_model
 
     on_gpu = torch.cuda.is_available()
+    warn_residual_base(source)
     if source.adapter_dir is None:
         model = load_model(source.model.model_copy(update={"dtype": "bfloat16" if on_gpu else "float32"}))
     else:
@@ -167,3 +183,12 @@ def load_inference_model(source: Source):
         model.to("cuda")
     model.eval()
     return model
+
+
+def warn_residual_base(source: Source) -> None:
+    """Print `residual_base_note` to stderr when it applies."""
+    import sys
+
+    note = residual_base_note(source)
+    if note is not None and source.adapter_dir is not None:
+        print(f"warning: {note}", file=sys.stderr, flush=True)

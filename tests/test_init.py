@@ -363,6 +363,16 @@ def test_cli_4bit_pissa_run_merges_into_the_model_it_trained(tmp_path, learnable
     load_adapter(naive, run / "adapter")
     assert rel(logits(naive, ids), logits(exact, ids)) > 0.1  # why merge must not use Q(W): measured ~1
 
+    # eval and generate run that ordinary load: they say so and point to the merged model; the merged folder is quiet
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["generate", str(run), "--prompt", "hello", "--max-new-tokens", "2"])
+    assert info.value.code == 0
+    assert "quantized residual" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["generate", str(tmp_path / "merged"), "--prompt", "hello", "--max-new-tokens", "2"])
+    assert info.value.code == 0 and "quantized residual" not in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_svd_inits_on_gpt2_conv1d_layers_start_at_the_base_and_save_for_peft(init, tmp_path):
