@@ -110,3 +110,14 @@ def with_adapter(model_dir: Path, run: Path):
     model = base_model(model_dir)
     load_adapter(model, run / "adapter", dropout=0.0)
     return model.eval()
+
+
+def run_cli(*args: str) -> int:
+    """`lorafit ARGS...` in this process; its exit code."""
+    import pytest
+
+    from lorafit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*args])
+    return info.value.code

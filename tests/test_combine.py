@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from rundirs import ALPHA, R, config_dict, randomize_adapter, save_run
+from rundirs import ALPHA, R, config_dict, randomize_adapter, run_cli, save_run
 from safetensors.torch import load_file
 
 from lorafit.adapters import attach_lora
-from lorafit.cli import main
 from lorafit.combine import concat_lora, dare, ties, trim_by_magnitude, truncated_svd, weighted_sum
 from lorafit.merge import CombineOptions, combine_adapters
 
@@ -152,7 +151,7 @@ def test_sum_as_adapter_is_exact_concatenation_loadable_by_peft(runs, tmp_path, 
 
     weights = [1.0, 0.5]
     out = tmp_path / "combined"
-    assert main_exit(["merge", str(runs[0]), str(runs[1]), "--weights", "1,0.5", "--as-adapter", "--out", str(out)]) == 0
+    assert run_cli("merge", str(runs[0]), str(runs[1]), "--weights", "1,0.5", "--as-adapter", "--out", str(out)) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 2 * R and config["lora_alpha"] == 2 * R and not config["use_rslora"]
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
@@ -203,11 +202,6 @@ def test_dare_is_repeatable_with_its_seed(runs, tmp_path):
     assert torch.equal(t[0][key], t[1][key]) and not torch.equal(t[0][key], t[2][key])
 
 
-def main_exit(argv) -> int:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    return info.value.code
-
 
 @pytest.mark.parametrize("case,needle", [
     ("weights", "--weights: 3 weight(s) for 2 source(s)"),
@@ -229,7 +223,7 @@ def test_bad_combinations_exit_2_with_one_message_and_write_nothing(runs, tmp_pa
     if case == "dora-concat":
         sources[1] = str(_run(tmp_path, tiny_model_dir, tiny_tokenizer, "dora", 5, dora=True))
     out = tmp_path / "out"
-    assert main_exit(["merge", *sources, "--out", str(out), *extra]) == 2
+    assert run_cli("merge", *sources, "--out", str(out), *extra) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     if case == "bases":

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from rundirs import base_model, make_run, with_adapter
+from rundirs import base_model, make_run, run_cli, with_adapter
 
 from lorafit.adapters.multi import AdapterBank
-from lorafit.cli import main
 from lorafit.evaluate import add_adapter, evaluate_command
 from lorafit.generate import Sampling, decode, generate_command
 
@@ -90,8 +89,8 @@ def test_decode_stops_at_stop_strings_and_streams_exactly_the_text(tiny_model_di
 
 def test_eval_with_named_adapters_has_one_column_and_json_entry_each(runs, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = _exit(["eval", str(runs["a"]), "--adapter", f"a={runs['a']}", "--adapter", f"bee={runs['b']}",
-                  "--generate", "2", "--json", str(out)])
+    code = run_cli("eval", str(runs["a"]), "--adapter", f"a={runs['a']}", "--adapter", f"bee={runs['b']}",
+                   "--generate", "2", "--json", str(out))
     assert code == 0
     written = json.loads(out.read_text())
     assert set(written["adapters"]) == {"a", "bee"} and "adapter" not in written
@@ -118,11 +117,6 @@ def test_generate_with_named_adapters_answers_each_aswith_adapter(runs, capsys):
     assert "── bee ──" in capsys.readouterr().out
 
 
-def _exit(argv) -> int:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    return info.value.code
-
 
 @pytest.mark.parametrize("case,needle", [
     ("duplicate", "the name 'x' is given twice"),
@@ -138,6 +132,6 @@ def test_bad_adapter_options_exit_2(runs, tmp_path, learnable_model_dir, tiny_to
         other = make_run(tmp_path, learnable_model_dir, tiny_tokenizer, name="other")
         extra = ["--adapter", f"x={other}"]
     for command in (["eval", str(runs["a"])], ["generate", str(runs["a"]), "--prompt", "hi"]):
-        assert _exit([*command, *extra]) == 2
+        assert run_cli(*command, *extra) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err

@@ -150,12 +150,12 @@ def test_junit_results_name_each_test_and_its_outcome(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite><testcase classname="tests.test_gpu" name="test_a"/>'
                    '<testcase classname="tests.test_gpu" name="test_b"><skipped message="needs a CUDA GPU"/></testcase>'
-                   '<testcase classname="tests.test_gpu" name="test_c"><failure message="assert 1 == 2&#10;more"/>'
+                   '<testcase classname="tests.test_gpu" name="test_c"><failure message="loss went up: 2.5 &gt; 2.1&#10;more"/>'
                    '</testcase></testsuite></testsuites>')
     assert gc.junit_results(xml) == [
         {"test": "tests.test_gpu::test_a", "outcome": "passed", "message": ""},
         {"test": "tests.test_gpu::test_b", "outcome": "skipped", "message": "needs a CUDA GPU"},
-        {"test": "tests.test_gpu::test_c", "outcome": "failed", "message": "assert 1 == 2"}]
+        {"test": "tests.test_gpu::test_c", "outcome": "failed", "message": "loss went up: 2.5 > 2.1"}]
     out = "tests/test_gpu.py::test_a PASSED [ 50%]\ntests/test_gpu.py::test_c FAILED [100%]\n"
     assert [t["outcome"] for t in gc.verbose_results(out)] == ["passed", "failed"]
 

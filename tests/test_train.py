@@ -85,6 +85,17 @@ def straight_and_resumed(tmp_path: Path, model_dir: Path, *args: str) -> tuple[P
     return tmp_path / "straight" / "run", tmp_path / "resumed" / "run"
 
 
+def assert_qlora_run_merges(tmp_path: Path, model_dir: Path, capsys, *args: str) -> None:
+    """Two steps on a 4-bit base (float32 compute, checkpointing on), then `lorafit merge`, which checks the merged
+    model's logits against the adapter itself and exits 0 only when they agree."""
+    config = make_config(tmp_path, model_dir, max_steps=2, gradient_checkpointing="true")
+    assert train(config, *args, "model.quantization.bits=4", "model.quantization.compute_dtype=float32") == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert info.value.code == 0, capsys.readouterr().err
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

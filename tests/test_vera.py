@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_train import adapter_tensors, make_config, straight_and_resumed, train
+from test_train import adapter_tensors, assert_qlora_run_merges, make_config, straight_and_resumed, train
 from torch import nn
 
 from lorafit.adapters import attach_from_settings, lora_layers, param_groups, param_report
@@ -187,13 +187,7 @@ def test_resume_equals_a_straight_run(tmp_path, learnable_model_dir):
 
 
 def test_qlora_base_trains_and_merges(tmp_path, learnable_model_dir, capsys):
-    config = make_config(tmp_path, learnable_model_dir, max_steps=2, gradient_checkpointing="true")
-    quant = ["model.quantization.bits=4", "model.quantization.compute_dtype=float32"]
-    assert train(config, *VERA, *quant) == 0
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
-    assert info.value.code == 0, capsys.readouterr().err
+    assert_qlora_run_merges(tmp_path, learnable_model_dir, capsys, *VERA)
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from rundirs import run_cli
 
-from lorafit.cli import main
 from lorafit.merge import max_relative_difference
 
 VOCAB_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
@@ -114,11 +114,6 @@ def write_config(tmp_path: Path, model_dir: Path, name: str, quantization: str =
     """))
     return path
 
-
-def run_cli(*args: str) -> int:
-    with pytest.raises(SystemExit) as info:
-        main([*args])
-    return info.value.code
 
 
 def sample_ids(vocab: int) -> torch.Tensor:
