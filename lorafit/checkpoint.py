@@ -315,7 +315,7 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
         r = int(parts["lora_A.weight"].shape[0])  # (r, in): rank_pattern needs no lookup
         alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
         dora = "lora_magnitude_vector" in parts
-        wrap_module(model, name, r=r, alpha=alpha, dropout=drop, rslora=rslora, dora=dora)
+        wrap_module(model, name, method="dora" if dora else "lora", r=r, alpha=alpha, dropout=drop, rslora=rslora)
     try:
         load_lora_state_dict(model, {f"{n}.{k}": t for n, parts in grouped.items() for k, t in parts.items()})
     except LorafitError as e:

@@ -93,8 +93,6 @@ def wrap_module(model: nn.Module, name: str, method: str = "lora", **layer_args)
         raise LorafitError(f"{name} is a {type(base).__name__}, not a linear layer; adapters wrap linear layers only")
     spec = METHODS[method]
     args = {**layer_args, **spec.fixed}
-    if method == "lora" and "dora" in layer_args:  # a loaded PEFT adapter says per layer whether it is DoRA
-        args["dora"] = layer_args["dora"]
     layer = spec.layer(base, **args)
     model.set_submodule(name, layer)
     return layer
