@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 
@@ -123,6 +124,7 @@ def test_chunked_loss_through_ddp_matches_the_bare_model(tiny_tokenizer, monkeyp
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 2000))
     dist.init_process_group("gloo", rank=0, world_size=1)
+    wrapped = None
     try:
         model = lora_model(tiny_tokenizer)
         batch = packed_batch(len(tiny_tokenizer), seed=4)
@@ -132,6 +134,10 @@ def test_chunked_loss_through_ddp_matches_the_bare_model(tiny_tokenizer, monkeyp
         wrapped.register_forward_pre_hook(lambda *_: calls.append(1))  # the wrapper's forward must run (grad sync)
         got, _, got_grads = loss_and_grads(wrapped, batch, chunked_causal_lm_loss)
     finally:
+        # DDP's reducer holds the process group: freed after the group is destroyed, gloo's destructor can deadlock
+        # (seen once in CI: ~ProcessGroupGloo waiting on a mutex). Free the wrapper first.
+        del wrapped
+        gc.collect()
         dist.destroy_process_group()
     assert calls == [1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
