@@ -1,359 +1,338 @@
-"""Adapter files in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` (+ tokenizer files).
+"""The training state --resume reads: `checkpoints/step-NNNNNN/`.
 
-Saving is atomic: everything is written to a temporary folder beside the target and renamed into place, so a
-crash never leaves a half-written adapter where a complete one is expected. Loading accepts adapters saved by
-lorafit or by PEFT (LoRA and DoRA, target_modules as a list or a regex, alpha_pattern / rank_pattern).
+A checkpoint is written into `checkpoints/.tmp-step-NNNNNN/` and renamed when complete, so the newest
+`step-*` folder is always whole: a run killed mid-save leaves only a `.tmp-*` folder, which the next start removes.
+Each checkpoint holds the trainable weights (exact names), the optimizer and scheduler state, every process's RNG
+states, and progress (step, tokens, metrics so far). The adapter files themselves are `lorafit.adapters.peft_io`'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
+import random
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafit.errors import RunDirError
+import torch
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+from lorafit import parallel
+from lorafit.errors import DiskFullError, RunDirError, disk_full_reason
 
-
-# ------------------------------------------------------------------------------------------------ saving
-
-
-def _peft_config(wrapped: list[str], all_linear: list[str], *, base_model_name_or_path: str | None, r: int,
-                 alpha: float, dropout: float, rslora: bool, dora: bool, fan_in_fan_out: bool = False,
-                 experts: list[str] = (), all_experts: list[str] = ()) -> dict[str, Any]:
-    """adapter_config.json as PEFT writes it (the keys its LoraConfig needs to rebuild the same layers).
-
-    target_modules: the wrapped suffixes (q_proj, ...) when those select exactly the wrapped modules, the usual
-    case; else (e.g. a regex that picked some layers only) a regex PEFT fullmatches against the exact names.
-    target_parameters: the adapted fused expert weights (`experts`, parameter paths) likewise: ``experts.down_proj``
-    style suffixes when they select exactly those among `all_experts`, else the full paths. PEFT cannot drop the
-    inputs of a weight update, so an adapter with expert weights records lora_dropout 0 (PEFT refuses any other).
-    fan_in_fan_out: the wrapped layers are Conv1D (GPT-2), whose weights PEFT must transpose when merging.
-    """
-    suffixes = sorted({name.rpartition(".")[2] for name in wrapped})
-    covered = [n for n in all_linear if any(n == s or n.endswith("." + s) for s in suffixes)]
-    targets: list[str] | str = suffixes if covered == wrapped else "(" + "|".join(map(re.escape, wrapped)) + ")"
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
-        "exclude_modules": None, "use_rslora": rslora, "use_dora": dora, "bias": "none", "lora_bias": False,
-        "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "inference_mode": True,
-    }
-    if experts:
-        short = sorted({".".join(p.split(".")[-2:]) for p in experts})  # experts.gate_up_proj
-        picked = [p for p in all_experts if any(p == s or p.endswith("." + s) for s in short)]
-        config["target_parameters"] = short if sorted(picked) == sorted(experts) else sorted(experts)
-        config["target_modules"] = targets if wrapped else []  # [] : PEFT adds no default modules
-        config["lora_dropout"] = 0.0
-    return config
-
-
-def _adapted(model, layers: dict) -> tuple[list[str], list[str], bool]:
-    """(wrapped linear module names, adapted expert weight paths, whether the linear layers are Conv1D)."""
-    from lorafit.adapters.experts import ExpertLora, expert_target_name
-    from lorafit.adapters.targets import is_conv1d
-
-    linear = [n for n, layer in layers.items() if not isinstance(layer, ExpertLora)]
-    experts = [expert_target_name(n, layer) for n, layer in layers.items() if isinstance(layer, ExpertLora)]
-    # A 4/8-bit base keeps the class it replaced (transformers' bitsandbytes integration sets source_cls)
-    conv = [n for n in linear if is_conv1d(layers[n].base_layer)
-            or getattr(getattr(layers[n].base_layer, "source_cls", None), "__name__", "") == "Conv1D"]
-    return linear, experts, bool(conv) and len(conv) == len(linear)
-
-
-def _all_experts(model) -> list[str]:
-    """Parameter paths of every fused expert weight, adapted or not (without the adapter layers' segments)."""
-    from lorafit.adapters.targets import expert_parameters
-
-    return [re.sub(r"(\.base_layer)+$", "", path.rpartition(".")[0]) + "." + path.rpartition(".")[2]
-            for path, _, _ in expert_parameters(model)]
-
-
-def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None, r: int, alpha: float,
-                 dropout: float, targets: str | list[str], rslora: bool = False, dora: bool = False,
-                 tokenizer=None, extra_files: dict[str, str] | None = None,
-                 weights: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Path:
-    """Write the model's LoRA layers as a PEFT adapter folder, atomically (an existing folder is replaced only
-    once the new one is complete).
-
-    Args:
-        model: a model with LoRA layers (unwrapped from DDP / Accelerate).
-        out_dir: the adapter folder to create or replace.
-        base_model_name_or_path: recorded for PEFT and for `lorafit merge`.
-        r, alpha, dropout, rslora, dora: the adapter's settings, recorded in adapter_config.json.
-        targets: the user's target spec; only used to explain an error when nothing is wrapped.
-        tokenizer: when given, its files (and chat template) are saved beside the adapter.
-        extra_files: {file name: text} written into the folder in the same atomic step (e.g. lorafit.yaml).
-        weights: the trainable parameters by name, gathered whole (`lorafit.parallel.trainable_state`); needed
-            when the layers hold only shards (FSDP). Default: read from the layers.
-        settings: the `adapter:` section as plain data (`AdapterConfig.settings()`); its method adds its own
-            adapter_config.json keys (peft_type ...) and may save a converted form of its tensors (PiSSA).
-
-    Returns:
-        The adapter folder.
-    """
-    from safetensors.torch import save_file
-
-    from lorafit.adapters import METHODS, adapter_tensors, lora_layers, lora_state_dict
-
-    layers = lora_layers(model)
-    wrapped = list(layers)
-    if not wrapped:
-        raise RunDirError(f"cannot save an adapter: the model has no LoRA layers (targets {targets!r})")
-    linear, experts, conv1d = _adapted(model, layers)
-    config = _peft_config(linear, _all_linear(model),
-                          base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
-                          rslora=rslora, dora=dora, fan_in_fan_out=conv1d, experts=experts,
-                          all_experts=_all_experts(model) if experts else [])
-    if settings is not None:
-        layer_class = METHODS[settings["method"]].layer
-        config.update(layer_class.peft_config(layers, settings))
-        config = {k: v for k, v in config.items() if k not in layer_class.peft_config_drop}
-    found = lora_state_dict(model, export=True) if weights is None else adapter_tensors(weights)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.items()}
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-
-    return write_dir_atomically(Path(out_dir), write)
-
-
-def _all_linear(model) -> list[str]:
-    """Names of every linear layer, counting a LoRA wrapper under its own name, in model order."""
-    from lorafit.adapters import bare_named_modules, linear_modules, lora_layers
-    from lorafit.adapters.experts import ExpertLora
-
-    names = {n for n, layer in lora_layers(model).items() if not isinstance(layer, ExpertLora)}
-    names |= {n for n, _ in linear_modules(model)}
-    return list(dict.fromkeys(n for n, _ in bare_named_modules(model) if n in names))
-
-
-def write_dir_atomically(out_dir: Path, write) -> Path:
-    """Call `write(tmp)` on a fresh folder beside `out_dir`, then put it in `out_dir`'s place.
-
-    The old folder (if any) is moved aside, the new one renamed in, and only then the old one deleted; on any
-    failure the temporary folder is removed and the old folder is left (or put back) where it was.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = None
-    try:
-        write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rpartition('-')[2]}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)  # same parent, so a rename: atomic on POSIX
-    except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
-# ------------------------------------------------------------------------------------------------ loading
+CHECKPOINTS = "checkpoints"
+METHOD_STATE = "method_state.pt"  # the adapter method's training state (AdaLoRA's importance scores and ranks)
 
 
 @dataclass
-class AdapterSettings:
-    """What `load_adapter` read and attached."""
+class Progress:
+    """Where a run is. Saved in every checkpoint; a resumed run continues from exactly here."""
 
-    r: int
-    alpha: float
-    dropout: float
-    rslora: bool
-    dora: bool
-    base_model_name_or_path: str | None
-    target_modules: list[str] | str | None
-    wrapped: list[str] = field(default_factory=list)
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # input tokens processed, padding excluded (all processes)
+    supervised: int = 0  # tokens with a loss term (all processes)
+    elapsed: float = 0.0  # seconds of training before this process started
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, int] = field(default_factory=dict)  # data.streaming: where the stream stands
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """adapter_config.json of a PEFT/lorafit LoRA adapter, checked for the keys lorafit needs.
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with state.json), oldest first by step number."""
+    found = [p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(run_dir: Path, accelerator, model, optimizer, scheduler, progress, keep: int,
+                        hooks=None) -> Path:
+    """Write `checkpoints/step-NNNNNN/` atomically (all processes call this; rank 0 writes the shared parts).
+
+    `hooks` (the adapter method's `TrainingHooks`) with a state (AdaLoRA's importance scores) add `method_state.pt`.
+
+    Under FSDP the weights and optimizer state are gathered whole first, so the files are the same as one
+    process would write (the optimizer's keyed by parameter name rather than position, and `state.json` says so).
+    `state.json`, written last, records every file's size and SHA-256, which `--resume` checks.
 
     Raises:
-        RunDirError: the folder or file is missing, not JSON, not a LoRA adapter, or lacks r / lora_alpha.
+        DiskFullError: the disk (or quota) ran out; the half-written folder is removed, older checkpoints are kept.
     """
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not Path(adapter_dir).is_dir():
-        raise RunDirError(f"{adapter_dir}: no such adapter folder")
-    if not path.is_file():
-        raise RunDirError(f"{adapter_dir}: not an adapter folder ({CONFIG_NAME} is missing)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise RunDirError(f"{path}: expected a JSON object")
-    from lorafit.adapters import peft_types
+    from safetensors.torch import save_file
 
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type not in peft_types():
-        raise RunDirError(f"{path}: peft_type is {peft_type!r}; lorafit loads {', '.join(peft_types())} adapters "
-                          f"(load this one with PEFT)")
-    if peft_type != "LORA":
-        return config  # the method's own loader checks its keys
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), int | float) or config[key] <= 0:
-            raise RunDirError(f"{path}: {key} must be a positive number (got {config.get(key)!r})")
-    unsupported = [f"{k}={config[k]!r}" for k, ok in _SUPPORTED.items() if k in config and not ok(config[k])]
-    if unsupported:
-        raise RunDirError(f"{path}: {', '.join(unsupported)} is not supported by lorafit (plain LoRA/DoRA on linear "
-                          f"layers, no bias, no modules_to_save); load it with PEFT instead")
-    return config
+    final = run_dir / CHECKPOINTS / f"step-{progress.step:06d}"
+    tmp = run_dir / CHECKPOINTS / f".tmp-step-{progress.step:06d}"
+    main = accelerator.is_main_process
+
+    def make_folder() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def write_shared() -> None:
+        save_file(weights, tmp / "trainable.safetensors")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:  # fp16 loss scale: without it a resumed run skips steps anew
+            _torch_save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        method_state = hooks.state_dict() if hooks is not None else {}
+        if method_state:  # the same on every process (it follows the shared adapter), so rank 0's is the state
+            _torch_save(method_state, tmp / METHOD_STATE)
+
+    def seal() -> None:
+        state = {"step": progress.step, "tokens": progress.tokens, "supervised": progress.supervised,
+                 "elapsed": progress.elapsed, "world_size": accelerator.num_processes,
+                 "fsdp": parallel.is_sharded(model), "metrics": progress.metrics, "files": _file_records(tmp),
+                 "data": progress.data}
+        (tmp / "state.json").write_text(json.dumps(state))  # last file in: its presence marks a complete save
+        _fsync_dir(tmp)
+        if final.exists():  # a step saved twice (interrupt right on a save_every step): the newer wins
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _rotate(run_dir, keep)
+
+    # Every process reaches every collective even after a failed write; they all stop together at the checks.
+    failures: list[Exception] = []
+    attempt(failures, main, make_folder)
+    accelerator.wait_for_everyone()
+    attempt(failures, True, lambda: _torch_save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt"))
+    if parallel.is_sharded(model) or main:  # collective under FSDP: every process gathers
+        weights = parallel.trainable_state(model)
+        optimizer_state = parallel.optimizer_state(model, _inner(optimizer))
+    attempt(failures, main, write_shared)
+    raise_if_any_failed(accelerator, failures, tmp, f"checkpoint {final}", run_dir)
+    attempt(failures, main, seal)
+    raise_if_any_failed(accelerator, failures, tmp, f"checkpoint {final}", run_dir)
+    return final
 
 
-_SUPPORTED = {  # adapter_config.json keys lorafit cannot honour unless they have their neutral value
-    "bias": lambda v: v in (None, "none"),
-    "lora_bias": lambda v: not v,
-    "modules_to_save": lambda v: not v,
-    "layer_replication": lambda v: not v,
-    "trainable_token_indices": lambda v: not v,
-}
+def attempt(failures: list[Exception], active: bool, write) -> None:
+    """Call `write()` when `active` and nothing failed yet; record an exception instead of raising it."""
+    if active and not failures:
+        try:
+            write()
+        except Exception as e:
+            failures.append(e)
 
 
-def _read_tensors(adapter_dir: Path) -> dict:
-    import torch
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so a full disk surfaces as OSError(ENOSPC), not as torch's vague
+    "PytorchStreamWriter failed"."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def raise_if_any_failed(accelerator, failures: list[Exception], tmp: Path | None, what: str, run_dir: Path) -> None:
+    """A collective: if a write failed on any process, remove the half-written `tmp` and raise on every process.
+
+    A full disk (or quota, or read-only filesystem) is `DiskFullError`: one line naming what was being written
+    and the newest complete checkpoint. Anything else is re-raised where it happened (other processes raise a
+    RuntimeError naming it).
+    """
+    messages = [f"{type(failures[0]).__name__}: {failures[0]}" if failures else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = gather_object(messages)
+    failed = [m for m in messages if m is not None]
+    if not failed:
+        return
+    if accelerator.is_main_process and tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    reasons = [r for r in (disk_full_reason(e) for e in failures) if r] or \
+              [r for r in (disk_full_reason(Exception(m)) for m in failed) if r]
+    if reasons:
+        raise disk_full(what, reasons[0], run_dir) from None
+    if failures:
+        raise failures[0]
+    raise RuntimeError(f"another process failed while writing {what}: {failed[0]}")
+
+
+def disk_full(what: str, reason: str, run_dir: Path) -> DiskFullError:
+    """The one-line message for a save the disk refused: what, the newest complete checkpoint, how to go on."""
+    newest = newest_checkpoint(run_dir)
+    kept = (f"the newest complete checkpoint is {newest}; free space and continue with --resume" if newest else
+            "no complete checkpoint was saved yet; free space and start again (train.save_every keeps checkpoints)")
+    return DiskFullError(f"{reason} while writing {what}; nothing half-written was kept: {kept}")
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {"size", "sha256"}} for every file in `folder` (state.json records them; --resume checks)."""
+    return {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _inner(optimizer):
+    """The torch optimizer inside Accelerate's wrapper (FSDP's state functions need the real one)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _rotate(run_dir: Path, keep: int) -> None:
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def load_training_state(run_dir: Path, accelerator, model, optimizer, scheduler, hooks=None) -> Progress:
+    """Restore weights, optimizer, scheduler, this process's RNG and progress from the newest whole checkpoint,
+    and the adapter method's state into `hooks` when the checkpoint has one.
+
+    Checkpoints are tried newest first; one whose files are damaged (cut short, changed, missing, unreadable) is
+    skipped with a warning saying why, and renamed `damaged-step-NNNNNN` so it is never taken as the newest again.
+    Also rewrites `metrics.jsonl` to what it held at that checkpoint, so rows logged after it are not duplicated.
+
+    Raises:
+        RunDirError: no checkpoint is whole, or the checkpoint was saved by another process count or FSDP setting.
+    """
+    ckpt, state, files, skipped = _newest_whole_checkpoint(run_dir, accelerator.process_index)
+    accelerator.wait_for_everyone()  # every process has read its files before a damaged folder is moved
+    if accelerator.is_main_process:
+        for bad, why in skipped:
+            aside = bad.with_name(f"damaged-{bad.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+            print(f"warning: skipped checkpoint {bad.name}: {why}; moved it to {aside.name} (delete it when you "
+                  f"like)", file=sys.stderr, flush=True)
+        if skipped:
+            print(f"resuming from {ckpt.name}", file=sys.stderr, flush=True)
+    if state["world_size"] != accelerator.num_processes:  # the global batch and the data order depend on it
+        raise RunDirError(f"{ckpt}: saved by {state['world_size']} process(es); resume with the same number "
+                          f"(now {accelerator.num_processes})")
+    sharded = parallel.is_sharded(model)
+    if state.get("fsdp", False) != sharded:  # the optimizer state is keyed differently
+        launch = "with the FSDP launch config" if state.get("fsdp") else "without FSDP (torchrun, or the DDP config)"
+        raise RunDirError(f"{ckpt}: saved by a run {'with' if state.get('fsdp') else 'without'} FSDP; resume it "
+                          f"{launch}")
+    parallel.load_trainable_state(model, files["trainable.safetensors"], where=str(ckpt))
+    parallel.load_optimizer_state(model, _inner(optimizer), files["optimizer.pt"])
+    scheduler.load_state_dict(files["scheduler.pt"])
+    if accelerator.scaler is not None and "scaler.pt" in files:
+        accelerator.scaler.load_state_dict(files["scaler.pt"])
+    if hooks is not None and METHOD_STATE in files:
+        hooks.load_state_dict(files[METHOD_STATE])
+    _set_rng_state(files[f"rng-{accelerator.process_index}.pt"])
+    metrics = state["metrics"]
+    if accelerator.is_main_process:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return Progress(step=state["step"], tokens=state["tokens"], supervised=state["supervised"],
+                    elapsed=state["elapsed"], metrics=metrics, data=state.get("data") or {})
+
+
+def _newest_whole_checkpoint(run_dir: Path, rank: int):
+    """(checkpoint, its state, its files loaded, [(damaged checkpoint, why), ...]) for the newest whole one.
+
+    Raises:
+        RunDirError: none is whole (each one's problem named).
+    """
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        try:
+            state, files = _read_checkpoint(ckpt, rank)
+        except _Damaged as e:
+            skipped.append((ckpt, str(e)))
+            continue
+        return ckpt, state, files, skipped
+    if not skipped:
+        raise RunDirError(f"{run_dir}: no complete checkpoint to resume from; start again without --resume")
+    problems = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+    raise RunDirError(f"{run_dir}: no whole checkpoint to resume from ({problems}); the files were damaged after "
+                      f"they were written (disk, copy or crash). Restore them from a backup, or move the folder aside "
+                      f"and start again without --resume")
+
+
+class _Damaged(Exception):
+    """A checkpoint file is missing, cut short, changed since it was saved, or cannot be read."""
+
+
+def _read_checkpoint(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint's state.json and the files this process loads, checked against the sizes and SHA-256 sums
+    state.json recorded (checkpoints from before lorafit recorded them are checked by loading alone).
+
+    Raises:
+        _Damaged: with what is wrong, e.g. "optimizer.pt is 1024 bytes, 2048 were saved".
+    """
     from safetensors.torch import load_file
 
-    if (adapter_dir / WEIGHTS_NAME).is_file():
-        try:
-            return load_file(str(adapter_dir / WEIGHTS_NAME))
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise RunDirError(f"{adapter_dir / WEIGHTS_NAME}: cannot be read ({e})") from None
-    if (adapter_dir / LEGACY_WEIGHTS_NAME).is_file():
-        return torch.load(adapter_dir / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    raise RunDirError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
-
-
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank/alpha_pattern lookup: the first key that matches the end of the module name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _group_by_module(tensors: dict) -> dict[str, dict[str, Any]]:
-    """{module name: {"lora_A.weight": t, "lora_B.weight": t, ...}} from PEFT-named tensors."""
-    from lorafit.adapters import group_by_module
-    from lorafit.errors import LorafitError
-
     try:
-        return group_by_module(tensors)
-    except LorafitError as e:
-        raise RunDirError(str(e)) from None
-
-
-def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None) -> AdapterSettings:
-    """Attach the LoRA layers an adapter folder describes (lorafit or PEFT format) and load their weights.
-
-    Which modules are wrapped is read off the tensor names, so PEFT's list / regex / all-linear target_modules
-    all work; each layer's rank comes from its A matrix, its alpha from alpha_pattern or lora_alpha.
-
-    Args:
-        model: the base model, without LoRA layers (full precision or quantized).
-        adapter_dir: the adapter folder.
-        dropout: adapter dropout for further training; default: the saved lora_dropout.
-
-    Returns:
-        The adapter's settings and the wrapped module names.
-
-    Raises:
-        RunDirError: missing or malformed files, or modules the model does not have.
-        LorafitError: tensor shapes that do not fit the model.
-    """
-    from lorafit.adapters import load_lora_state_dict, lora_layers, wrap_module
-    from lorafit.errors import LorafitError
-
-    adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
-    if config.get("peft_type", "LORA") != "LORA":  # VERA, ADALORA ...: the method's layer class loads it
-        from lorafit.adapters import layer_for_peft_type
-
-        return layer_for_peft_type(config["peft_type"]).load_peft(model, adapter_dir, config, _read_tensors(adapter_dir),
-                                                                  dropout=dropout)
-    grouped = _group_by_module(_read_tensors(adapter_dir))
-    if not grouped:
-        raise RunDirError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")
-    if lora_layers(model):
-        raise RunDirError("the model already has LoRA layers; load an adapter into a fresh base model")
-    rslora = bool(config.get("use_rslora", False))
-    drop = float(config.get("lora_dropout", 0.0) or 0.0) if dropout is None else dropout
-    for p in model.parameters():
-        p.requires_grad_(False)  # as attach_lora: only the adapter trains
-    expert_names = _wrap_experts(model, adapter_dir, config, grouped, rslora)
-    modules = dict(model.named_modules())
-    missing = [n for n in grouped if n not in modules and n not in expert_names]
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _Damaged(f"state.json cannot be read ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("step", "tokens", "supervised", "elapsed", "world_size", "metrics")
+               if not isinstance(state, dict) or k not in state]
     if missing:
-        more = " ..." if len(missing) > 3 else ""
-        raise RunDirError(f"{adapter_dir}: the adapter adapts {', '.join(missing[:3])}{more}, which this model "
-                          f"does not have (the adapter's base: {config.get('base_model_name_or_path')})")
-    for name, parts in grouped.items():
-        if name in expert_names:
-            continue
-        if "lora_A.weight" not in parts:
-            raise RunDirError(f"{adapter_dir}: no lora_A tensor for {name}")
-        r = int(parts["lora_A.weight"].shape[0])  # (r, in): rank_pattern needs no lookup
-        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
-        dora = "lora_magnitude_vector" in parts
-        wrap_module(model, name, method="dora" if dora else "lora", r=r, alpha=alpha, dropout=drop, rslora=rslora)
-    try:
-        load_lora_state_dict(model, {f"{n}.{k}": t for n, parts in grouped.items() for k, t in parts.items()})
-    except LorafitError as e:
-        raise RunDirError(f"{adapter_dir}: {e}") from None
-    return AdapterSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=drop, rslora=rslora,
-                           dora=bool(config.get("use_dora", False)),
-                           base_model_name_or_path=config.get("base_model_name_or_path"),
-                           target_modules=config.get("target_modules"), wrapped=list(lora_layers(model)))
+        raise _Damaged(f"state.json lacks {', '.join(missing)}")
+    for name, record in state.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise _Damaged(f"{name} is missing")
+        size = path.stat().st_size
+        if size != record["size"]:
+            raise _Damaged(f"{name} is {size} bytes, {record['size']} were saved (cut short?)" if size < record["size"]
+                           else f"{name} is {size} bytes, {record['size']} were saved")
+        if _sha256(path) != record["sha256"]:
+            raise _Damaged(f"{name} has changed since it was saved (SHA-256 differs)")
+    loaders = {"trainable.safetensors": lambda p: load_file(p),
+               "optimizer.pt": _torch_load, "scheduler.pt": _torch_load, f"rng-{rank}.pt": _torch_load}
+    for optional in ("scaler.pt", METHOD_STATE):
+        if (ckpt / optional).is_file():
+            loaders[optional] = _torch_load
+    files = {}
+    for name, load in loaders.items():
+        if not (ckpt / name).is_file():
+            raise _Damaged(f"{name} is missing")
+        try:
+            files[name] = load(ckpt / name)
+        except Exception as e:  # truncated zip, bad header, unpickling error: each library has its own type
+            raise _Damaged(f"{name} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    return state, files
 
 
-def _wrap_experts(model, adapter_dir: Path, config: dict, grouped: dict, rslora: bool) -> set[str]:
-    """Attach an ExpertLora to each fused expert weight the config's ``target_parameters`` select (PEFT's rule),
-    each with the rank its A tensor has. Returns the adapter layers' module names (the tensors' module names)."""
-    from lorafit.adapters import wrap_module
-    from lorafit.adapters.experts import expert_layer_names, matching_expert_parameters
-    from lorafit.adapters.targets import expert_shape
-
-    targets = config.get("target_parameters") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    paths = matching_expert_parameters(model, targets)
-    if targets and not paths:
-        raise RunDirError(f"{adapter_dir}: target_parameters {targets} match no fused expert weight of this model")
-    names = expert_layer_names(paths)
-    for path in paths:
-        owner, _, parameter = path.rpartition(".")
-        experts = expert_shape(_innermost(model.get_submodule(owner)), parameter)[0]  # under layers wrapped so far
-        lora_a = grouped.get(names[path], {}).get("lora_A.weight")
-        if lora_a is None:
-            raise RunDirError(f"{adapter_dir}: no lora_A tensor for {names[path]} ({path})")
-        r = int(lora_a.shape[0]) // experts  # (r·E, in)
-        alpha = float(_pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"]))
-        wrap_module(model, path, r=r, alpha=alpha, rslora=rslora)
-    return set(names.values())
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, weights_only=False)
 
 
-def _innermost(module):
-    """The module under any adapter layers (their `base_layer` chain)."""
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]

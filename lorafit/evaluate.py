@@ -128,7 +128,7 @@ def _eval_inputs(source: Path, adapter_dir: Path | None):
 
 def _load_for_eval(config, adapter: Path):
     """The base as trained (quantized for QLoRA) with the adapter attached, its tokenizer, and the Source."""
-    from lorafit.checkpoint import read_adapter_config
+    from lorafit.adapters.peft_io import read_adapter_config
     from lorafit.sources import Source, base_model_config, load_inference_model, load_source_tokenizer
 
     base = read_adapter_config(adapter).get("base_model_name_or_path")
@@ -179,7 +179,7 @@ def load_bank(src, adapters: dict[str, Path]):
 def add_adapter(bank, name: str, adapter_dir: Path) -> None:
     """Load the adapter folder onto the bank's base model and hold it under `name`."""
     from lorafit.adapters.multi import take_adapter_layers
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     if name in bank.names:
         raise RunDirError(f"adapter name {name!r} is already loaded; give each adapter its own name")

@@ -132,7 +132,7 @@ def quantized_layer_names(source: Source, samples: list[torch.Tensor]) -> tuple[
     weights the adapter saw quantized.
     """
     from lorafit.adapters import is_quantized
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
     from lorafit.model import load_model
 
     model = load_model(source.model)
@@ -191,8 +191,8 @@ def load_full_precision_base(source: Source, quantized_names: list[str]):
 def _initial_parts(source: Source) -> dict[str, torch.Tensor]:
     """A PiSSA / OLoRA run's {layer: s·B0 A0}, read off its converted adapter (`svd_init.initial_parts`); else {}."""
     from lorafit.adapters import lora_scale
+    from lorafit.adapters.peft_io import _read_tensors
     from lorafit.adapters.svd_init import RESIDUAL_INITS, initial_parts
-    from lorafit.checkpoint import _read_tensors
 
     a = source.config.adapter if source.config is not None else None
     if a is None or a.init not in RESIDUAL_INITS:
@@ -283,7 +283,7 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
     """
     from rich.console import Console
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     console = console or Console(highlight=False)
     warn = Console(stderr=True, highlight=False)
@@ -329,7 +329,7 @@ def _write_and_verify(holder: list, tokenizer, src: Source, out: Path, report: M
     Returns:
         The saved model's logits on `samples`.
     """
-    from lorafit.checkpoint import write_dir_atomically
+    from lorafit.atomic import write_dir_atomically
 
     merged: list[torch.Tensor] = []
     size = sum(p.numel() for p in holder[0].parameters()) * torch.finfo(getattr(torch, report.dtype)).bits // 8
@@ -544,7 +544,7 @@ def combine_adapters(sources: list[Path], out: Path, options: CombineOptions, dt
     """
     from rich.console import Console
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     console = console or Console(highlight=False)
     sources, out = [Path(s) for s in sources], Path(out)
@@ -644,7 +644,8 @@ def _write_adapter(model, src: Source, tokenizer, result: dict, out: Path, sampl
                    options: CombineOptions) -> CombineReport:
     """Write `result` as one PEFT LoRA adapter (scale 1: lora_alpha = r), reload it onto the base and check it."""
     from lorafit.adapters import wrap_module
-    from lorafit.checkpoint import load_adapter, read_adapter_config, save_adapter, write_dir_atomically
+    from lorafit.adapters.peft_io import load_adapter, read_adapter_config, save_adapter
+    from lorafit.atomic import write_dir_atomically
 
     rank = next(iter(result.values())).lora_a.shape[0]
     for name, low in result.items():

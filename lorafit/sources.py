@@ -99,7 +99,7 @@ def read_run_config(file: Path) -> Config | None:
 
 
 def _adapter_source(path: Path, kind: str, adapter_dir: Path, config: Config | None) -> Source:
-    from lorafit.checkpoint import read_adapter_config
+    from lorafit.adapters.peft_io import read_adapter_config
 
     base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     return Source(path, kind, adapter_dir, config, base_model_config(config, base, adapter_dir))
@@ -169,7 +169,7 @@ def load_inference_model(source: Source):
     with the adapter attached, in eval mode. Full-precision models go to the GPU when there is one."""
     import torch
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
     from lorafit.model import load_model
 
     on_gpu = torch.cuda.is_available()

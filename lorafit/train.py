@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorafit import parallel, runstate, schedule
+from lorafit import checkpoint, parallel, runstate, schedule
 from lorafit.config import Config, LoadedConfig
 from lorafit.errors import LorafitError, TrainingStopped
 
@@ -257,9 +257,9 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:  # already FSDP: Accelerate must not wrap it again in DDP
         optimizer = accelerator.prepare(optimizer)
-    progress = runstate.Progress()
+    progress = checkpoint.Progress()
     if resume:
-        progress = runstate.load_training_state(run_dir, accelerator, model, optimizer, scheduler, hooks=hooks)
+        progress = checkpoint.load_training_state(run_dir, accelerator, model, optimizer, scheduler, hooks=hooks)
         if streaming:
             train_rows.seek(progress.data)
     if t.trackers:
@@ -282,7 +282,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
             stopping = _any_process(stop.requested, accelerator)
             if due or stopping:
                 progress.metrics = reporter.metrics
-                runstate.save_training_state(run_dir, accelerator, model, optimizer, scheduler, progress,
+                checkpoint.save_training_state(run_dir, accelerator, model, optimizer, scheduler, progress,
                                              keep=t.keep_checkpoints, hooks=hooks)
             if stopping:
                 raise TrainingStopped(f"interrupted at step {progress.step}: checkpoint saved; continue with "
@@ -316,7 +316,7 @@ class _Run:
     flatten: bool = False  # collate micro-batches into one row (flash_attention_2)
     hooks: Any = None  # the adapter method's additions to the loop (lorafit.adapters.TrainingHooks)
 
-    def step(self, progress: runstate.Progress) -> dict[str, Any]:
+    def step(self, progress: checkpoint.Progress) -> dict[str, Any]:
         """One optimizer step at `progress.step`; advances `progress` and returns the metrics row."""
         from lorafit.data import collate
 
@@ -415,7 +415,7 @@ def _check_finite(loss: float, grad_norm: float, step: int, run_dir: Path, skip_
                                                    else None)
     if bad is None:
         return
-    last = runstate.newest_checkpoint(run_dir)
+    last = checkpoint.newest_checkpoint(run_dir)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
     raise TrainingStopped(f"the {bad} became {loss if bad == 'loss' else grad_norm} at step {step}; stopped. "
                            f"{kept}. Resume from it with a lower rate (lorafit train CONFIG --resume train.lr=...) or "

@@ -35,7 +35,7 @@ def build_assets(work: Path, hidden: int, layers: int, adapters: int) -> tuple[P
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from lorafit.adapters import attach_lora, lora_layers, unwrap_lora
-    from lorafit.checkpoint import save_adapter
+    from lorafit.adapters.peft_io import save_adapter
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lorafit.adapters import attach_lora, lora_layers
-from lorafit.checkpoint import save_adapter
+from lorafit.adapters.peft_io import save_adapter
 from lorafit.config import load_config
 
 R, ALPHA = 4, 12.0  # alpha != r, so a merge that forgot the scale would show
@@ -105,7 +105,7 @@ def base_model(model_dir: Path):
 
 def with_adapter(model_dir: Path, run: Path):
     """The base model with `run`'s adapter attached alone (the reference for several adapters on one base)."""
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     model = base_model(model_dir)
     load_adapter(model, run / "adapter", dropout=0.0)

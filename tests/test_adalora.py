@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lorafit.adapters import attach_adapter, lora_layers, method_param_count, param_groups, param_report
 from lorafit.adapters.adalora import AdaLoraLinear, Schedule, budget_at, schedule_steps
-from lorafit.checkpoint import load_adapter, save_adapter
+from lorafit.adapters.peft_io import load_adapter, save_adapter
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 

@@ -179,7 +179,7 @@ def test_ties_merged_model_applies_ties_of_the_dense_updates(runs, tmp_path, tin
 def test_svd_as_adapter_reports_its_error_and_is_exact_at_full_rank(runs, tmp_path, tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     low = combine_adapters(runs, tmp_path / "low", CombineOptions(how="svd", rank=2, as_adapter=True))
     full = combine_adapters(runs, tmp_path / "full", CombineOptions(how="svd", rank=2 * R, as_adapter=True))

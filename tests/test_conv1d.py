@@ -12,7 +12,7 @@ import torch
 from rundirs import ALPHA, R
 
 from lorafit.adapters import attach_lora, find_targets, lora_layers, unwrap_lora
-from lorafit.checkpoint import load_adapter, save_adapter
+from lorafit.adapters.peft_io import load_adapter, save_adapter
 
 VOCAB = 128
 

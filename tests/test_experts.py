@@ -12,7 +12,7 @@ import torch
 
 from lorafit.adapters import attach_lora, find_targets, lora_layers, unwrap_lora
 from lorafit.adapters.experts import ExpertLora, expert_delta
-from lorafit.checkpoint import load_adapter, save_adapter
+from lorafit.adapters.peft_io import load_adapter, save_adapter
 from lorafit.errors import LorafitError
 
 R, ALPHA, VOCAB = 2, 6.0, 128

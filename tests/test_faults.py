@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_train import adapter_tensors, make_config, metrics, train
 
-from lorafit import runstate
+from lorafit import checkpoint, runstate
 from lorafit.errors import disk_full_reason
 
 
@@ -27,7 +27,7 @@ def _run_until_crash(config: Path, monkeypatch, *overrides: str) -> Path:
         patch.setattr(runstate, "save_final_adapter", crash)
         assert train(config, *overrides) == 130
     run = config.parent / "run"
-    assert [p.name for p in runstate.complete_checkpoints(run)] == ["step-000002", "step-000004"]
+    assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step-000002", "step-000004"]
     assert not (run / "adapter").exists()
     return run
 

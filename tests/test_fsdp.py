@@ -151,7 +151,7 @@ def test_fsdp_wrapped_model_keeps_adapter_names_groups_and_files(tmp_path, tiny_
     import torch.distributed as dist
 
     from lorafit.adapters import attach_lora, lora_layers, lora_state_dict, param_groups
-    from lorafit.checkpoint import save_adapter
+    from lorafit.adapters.peft_io import save_adapter
 
     wrapped = attach_lora(tiny_model, ["q_proj", "v_proj"], r=4, alpha=8)
     expected = {k: v.clone() for k, v in lora_state_dict(tiny_model).items()}

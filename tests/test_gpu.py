@@ -214,7 +214,7 @@ def test_dora_trains_on_cuda_and_peft_reproduces_its_logits(tmp_path, learnable_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     config = make_config(tmp_path, learnable_model_dir, max_steps=16, precision="bf16")
     assert train(config, "adapter.method=dora") == 0

@@ -25,8 +25,8 @@ from lorafit.adapters import (
     lora_layers,
     quantize_roundtrip,
 )
+from lorafit.adapters.peft_io import load_adapter, save_adapter
 from lorafit.adapters.svd_init import keep_original_weights, randomized_svd
-from lorafit.checkpoint import load_adapter, save_adapter
 from lorafit.cli import main
 from lorafit.config import AdapterConfig, ModelConfig
 from lorafit.errors import LorafitError

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_train import adapter_tensors, assert_qlora_run_merges, make_config, straight_and_resumed, train
 from torch import nn
 
-from lorafit import runstate
+from lorafit import checkpoint
 from lorafit.adapters import attach_from_settings, lora_layers, param_groups, param_report
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.lora_fa import LoraFALinear, frozen_a_update
@@ -148,7 +148,7 @@ def test_trains_through_the_cli_keeps_a_and_loads_in_peft_and_merges(tmp_path, l
         assert torch.equal(saved[f"base_model.model.{name}.lora_A.weight"], layer.lora_A.weight)
     assert all(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)
     # PEFT reads it as the LoRA it is: the same logits as lorafit's own load
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     ids = torch.randint(3, 300, (2, 12))
     ours = AutoModelForCausalLM.from_pretrained(learnable_model_dir, dtype=torch.float32).eval()
@@ -167,7 +167,7 @@ def test_trains_through_the_cli_keeps_a_and_loads_in_peft_and_merges(tmp_path, l
 def test_resume_restores_a_from_the_checkpoint_and_equals_a_straight_run(tmp_path, learnable_model_dir):
     straight, resumed = straight_and_resumed(tmp_path, learnable_model_dir, *FA)
     ckpt = resumed / "checkpoints" / "step-000004"
-    state = torch.load(ckpt / runstate.METHOD_STATE, weights_only=True)["lora_A"]
+    state = torch.load(ckpt / checkpoint.METHOD_STATE, weights_only=True)["lora_A"]
     assert len(state) == 14 and "lora_A.weight" not in "".join(load_file(ckpt / "trainable.safetensors"))
     a, b = adapter_tensors(straight), adapter_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rundirs import ALPHA, R, make_run, randomize_adapter
 
-from lorafit.checkpoint import load_adapter
+from lorafit.adapters.peft_io import load_adapter
 from lorafit.cli import main
 from lorafit.errors import RunDirError
 from lorafit.merge import MergeVerificationError, merge_adapter, sample_inputs

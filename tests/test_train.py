@@ -211,7 +211,7 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path, learnable_model_d
 
 
 def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
-    from lorafit.runstate import complete_checkpoints, newest_checkpoint
+    from lorafit.checkpoint import complete_checkpoints, newest_checkpoint
 
     for step in (999_999, 1_000_000, 20):
         d = tmp_path / "checkpoints" / f"step-{step:06d}"

@@ -10,8 +10,8 @@ from test_train import adapter_tensors, assert_qlora_run_merges, make_config, st
 from torch import nn
 
 from lorafit.adapters import attach_from_settings, lora_layers, param_groups, param_report
+from lorafit.adapters.peft_io import load_adapter
 from lorafit.adapters.vera import VeraLinear, share_projections, vera_projections
-from lorafit.checkpoint import load_adapter
 from lorafit.cli import main
 from lorafit.config import AdapterConfig, load_config
 from lorafit.errors import LorafitError

@@ -126,7 +126,7 @@ def adapter_logits(arch: str, model_dir: Path, adapter: Path, ids: torch.Tensor)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     ours = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load_adapter(ours, adapter, dropout=0.0)

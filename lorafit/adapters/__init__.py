@@ -11,6 +11,7 @@
     registry.py  `adapter.method` -> layer class
     wrap.py      whole-model operations: attach, unwrap, merge, PEFT-named tensors, optimizer groups
     multi.py     several named adapters on one base, chosen per batch or per row (eval, generate, serve)
+    peft_io.py   PEFT-format folders: adapter_config.json and tensors read and written, `AdapterSettings`
 
 Everything public is importable from `lorafit.adapters`.
 """

@@ -144,8 +144,8 @@ class AdaLoraLinear(AdapterLayer):
                   dropout: float | None = None):
         """Attach AdaLoRA layers from a PEFT ADALORA adapter: each layer's rank is its saved tensors' (already cut
         to rank_pattern), the scale alpha / init_r as PEFT keeps it."""
+        from lorafit.adapters.peft_io import AdapterSettings
         from lorafit.adapters.wrap import group_by_module, load_lora_state_dict, lora_layers, wrap_module
-        from lorafit.checkpoint import AdapterSettings
 
         where = f"{adapter_dir}/adapter_config.json"
         for key in ("init_r", "lora_alpha"):

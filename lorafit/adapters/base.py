@@ -239,10 +239,10 @@ class AdapterLayer(nn.Module):
                   dropout: float | None = None):
         """Attach and fill this method's layers from a saved adapter whose ``peft_type`` is `cls.peft_type`
         (PEFT's or lorafit's files). Only methods with their own peft_type define it (LORA-typed adapters are
-        loaded by `lorafit.checkpoint.load_adapter`).
+        loaded by `lorafit.adapters.peft_io.load_adapter`).
 
         Returns:
-            `lorafit.checkpoint.AdapterSettings` for the loaded adapter.
+            `lorafit.adapters.peft_io.AdapterSettings` for the loaded adapter.
 
         Raises:
             RunDirError: the files do not describe an adapter this model can take (named).

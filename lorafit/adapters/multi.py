@@ -19,7 +19,7 @@ Several weights of one experts module nest (ExpertLora around ExpertLora around 
 layer stands for the module, the inner ones ride inside it, and the bare experts module is the shared base.
 
 Adapters are added (`add`) and removed (`remove`) at run time. This module loads no files: the caller attaches an
-adapter with `lorafit.checkpoint.load_adapter` inside `bank.detached()` and hands the layers over with
+adapter with `lorafit.adapters.peft_io.load_adapter` inside `bank.detached()` and hands the layers over with
 `take_adapter_layers`.
 """
 

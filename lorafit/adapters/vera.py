@@ -197,13 +197,13 @@ def load_vera(model: nn.Module, adapter_dir: Path, config: dict, tensors: dict[s
     them (``save_projection: true``, PEFT's default), else regenerated from ``projection_prng_key``.
 
     Returns:
-        `lorafit.checkpoint.AdapterSettings` (alpha = r: VeRA's update has no extra scale).
+        `lorafit.adapters.peft_io.AdapterSettings` (alpha = r: VeRA's update has no extra scale).
 
     Raises:
         RunDirError: a malformed config, settings lorafit cannot honour, or tensors that do not fit the model.
     """
+    from lorafit.adapters.peft_io import CONFIG_NAME, AdapterSettings
     from lorafit.adapters.wrap import load_lora_state_dict, lora_layers, split_adapter_key, wrap_module
-    from lorafit.checkpoint import CONFIG_NAME, AdapterSettings
     from lorafit.errors import RunDirError
 
     where = adapter_dir / CONFIG_NAME

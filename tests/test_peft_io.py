@@ -11,7 +11,7 @@ from conftest import build_tiny_llama
 from safetensors.torch import load_file
 
 from lorafit.adapters import attach_lora, lora_layers
-from lorafit.checkpoint import load_adapter, read_adapter_config, save_adapter
+from lorafit.adapters.peft_io import load_adapter, read_adapter_config, save_adapter
 from lorafit.errors import LorafitError, RunDirError
 
 R, ALPHA = 4, 12.0
