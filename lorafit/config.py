@@ -95,6 +95,8 @@ ADAPTER_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 
 
 class AdapterConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     method: Literal[ADAPTER_METHODS] = "lora"
     init: Literal[ADAPTER_INITS] = "default"  # pissa/olora: from the weight's SVD/QR; loftq: quantized bases only
     init_iters: Int = Field(1, ge=1)  # loftq: alternating quantize / SVD steps
@@ -107,10 +109,13 @@ class AdapterConfig(_Section):
     targets: str | list[str] = "all-linear"  # all-linear | [suffix, ...] | "re:<regex>"
     exclude: list[str] = []  # module-name suffixes never wrapped
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    # Continue this adapter (a run or adapter folder, lorafit's or PEFT's): `load_config` takes its method, r, alpha,
+    # targets from it (`_adapter_from`), training starts from its weights with a fresh optimizer.
+    from_: Text | None = Field(None, alias="from", min_length=1)
 
     def settings(self) -> dict[str, Any]:
         """The section as plain data for `lorafit.adapters`, the chosen method's section filled with its defaults."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", by_alias=True)
         data["vera"] = (self.vera or VeraConfig()).model_dump(mode="json")
         data["adalora"] = (self.adalora or AdaloraConfig()).model_dump(mode="json")
         return data
@@ -198,7 +203,7 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data, as written to a run's config.yaml (and compared on --resume)."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", by_alias=True)
         q = data["model"]["quantization"]
         if q is not None and q["bits"] == 8:  # 4-bit-only keys would make the file fail its own validation
             for key in ("type", "double_quant", "compute_dtype"):
@@ -356,7 +361,7 @@ def _suggest(name: str, options: list[str]) -> str:
 def _all_dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, info in model.model_fields.items():
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{info.alias or name}"
         keys.append(dotted)
         sub = _section_model(info.annotation) or _list_item_model(info.annotation)
         if sub is not None:
@@ -409,9 +414,10 @@ def _check_override_path(dotted: str) -> None:
     i = 0
     while i < len(parts):
         name = parts[i]
-        if model is None or name not in model.model_fields:
+        fields = {info.alias or n: info for n, info in model.model_fields.items()} if model is not None else {}
+        if name not in fields:
             raise ConfigError(f"{COMMAND_LINE}: {_unknown_key_message(dotted)}")
-        annotation = model.model_fields[name].annotation
+        annotation = fields[name].annotation
         item = _list_item_model(annotation)
         if item is not None and i + 1 < len(parts):
             if not parts[i + 1].isdigit():
@@ -645,6 +651,57 @@ def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[st
     return problems, warnings
 
 
+# Keys `adapter.from` decides: what the saved adapter is (its weights only fit layers built this way).
+_FROM_KEYS = ("method", "r", "alpha", "targets", "rslora", "vera.projection_seed")
+
+
+def _adapter_from(cfg: Config, origins: dict[str, str], fallback: str) -> Config:
+    """`adapter.from`: the config with the adapter's method, r, alpha, targets (and VeRA seed) taken from it.
+
+    Raises:
+        ConfigError: the folder holds no adapter lorafit can continue, or a key set in the config contradicts the
+            adapter (both values named).
+    """
+    from lorafit.adapters.peft_io import adapter_dir_of, describe_adapter
+    from lorafit.errors import RunDirError
+
+    a = cfg.adapter
+    where = _origin(origins, "adapter.from", fallback)
+    try:
+        parent = describe_adapter(adapter_dir_of(a.from_))
+    except RunDirError as e:
+        raise ConfigError(f"{where}: adapter.from: {e}", source=fallback) from None
+    if parent["method"] == "adalora":
+        raise ConfigError(f"{where}: adapter.from: {a.from_} is an AdaLoRA adapter; lorafit continues lora, dora, "
+                          f"lora_fa and vera adapters (merge it first and train a new adapter on the merged model)",
+                          source=fallback)
+    values = {"method": parent["method"], "r": parent["r"], "alpha": parent["alpha"],
+              "targets": parent["targets"], "rslora": parent["rslora"],
+              "vera.projection_seed": parent.get("vera", {}).get("projection_seed")}
+    problems = []
+    for key in _FROM_KEYS:
+        dotted, value = f"adapter.{key}", values[key]
+        if value is None or not any(k == dotted or k.startswith(dotted + ".") for k in origins):
+            continue
+        mine = _get(a.settings(), key)
+        if (sorted(mine) if isinstance(mine, list) else mine) != value:
+            problems.append(f"{_origin(origins, dotted, fallback)}: {dotted}: {mine!r} contradicts adapter.from "
+                            f"({a.from_} has {key} {value!r}); remove {dotted} (it is taken from the adapter) or "
+                            f"set it to {value!r}")
+    if "adapter.init" in origins and a.init != "default":
+        problems.append(f"{_origin(origins, 'adapter.init', fallback)}: adapter.init: {a.init} contradicts "
+                        f"adapter.from (the weights start as {a.from_}'s); remove adapter.init")
+    if problems:
+        raise ConfigError(problems, source=fallback)
+    update = {k: v for k, v in values.items() if "." not in k}
+    if parent["method"] == "vera":
+        update["vera"] = (a.vera or VeraConfig()).model_copy(update=parent["vera"])
+        update.pop("alpha")
+    data = cfg.to_dict()
+    data["adapter"].update({k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in update.items()})
+    return Config.model_validate(data)
+
+
 @dataclass
 class LoadedConfig:
     """A validated config with where it came from. `warnings` are printed by the CLI, never fatal."""
@@ -684,6 +741,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg = Config.model_validate(layer.data)
     except ValidationError as e:
         raise ConfigError(_pydantic_problems(e, layer.origins, str(path)), source=str(path)) from None
+    if cfg.adapter.from_ is not None:  # before the cross-field checks, so they see the adapter's method
+        cfg = _adapter_from(cfg, layer.origins, str(path))
     problems, warnings = _cross_field_problems(cfg, layer.origins)
     if problems:
         raise ConfigError([f"{_origin(layer.origins, p.split(':')[0], str(path))}: {p}" for p in problems],

@@ -5,6 +5,7 @@ The checkpoints under `checkpoints/` (the training state --resume reads) are `lo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -188,7 +189,7 @@ def save_final_adapter(run_dir: Path, cfg: Config, accelerator, model, tokenizer
 
     Every process calls this (under FSDP the adapter is gathered from all of them); the main process writes.
     """
-    from lorafit.adapters.peft_io import save_adapter
+    from lorafit.adapters.peft_io import LINEAGE_NAME, save_adapter
 
     weights = parallel.trainable_state(model) if parallel.is_sharded(model) else None
     path = run_dir / "adapter"
@@ -199,12 +200,25 @@ def save_final_adapter(run_dir: Path, cfg: Config, accelerator, model, tokenizer
         if Path(base).is_dir():
             base = str(Path(base).resolve())
         # lorafit.yaml: merge and eval read the quantization settings the adapter was trained against from it
+        extra = {"lorafit.yaml": cfg.to_yaml()}
+        if a.from_ is not None:  # a continued adapter: the whole adapter, and where it came from
+            extra[LINEAGE_NAME] = json.dumps({"lineage": _lineage(a.from_)}, indent=2) + "\n"
         save_adapter(parallel.unwrap(model), path, base_model_name_or_path=base, r=a.r, alpha=a.alpha,
                      dropout=a.dropout, targets=a.targets, rslora=a.rslora, dora=a.method == "dora",
-                     tokenizer=tokenizer, extra_files={"lorafit.yaml": cfg.to_yaml()}, weights=weights,
-                     settings=a.settings())
+                     tokenizer=tokenizer, extra_files=extra, weights=weights, settings=a.settings())
 
     failures: list[Exception] = []
     attempt(failures, accelerator.is_main_process, write)  # written atomically: a failure leaves no partial folder
     raise_if_any_failed(accelerator, failures, None, f"the adapter {path}", run_dir)
     return path
+
+
+def _lineage(parent: str) -> list[dict]:
+    """adapter.from's lineage record; a parent folder gone since the start is recorded by path alone (the trained
+    adapter is saved either way)."""
+    from lorafit.adapters.peft_io import adapter_dir_of, lineage
+
+    try:
+        return lineage(adapter_dir_of(parent))
+    except RunDirError:
+        return [{"path": str(Path(parent).resolve()), "sha256": None}]

@@ -85,7 +85,7 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
         _keep_original_weights(cfg, model, tokenizer)  # these inits need W itself, not only its quantization
     # The same seed on every process: each one starts from the same adapter (FSDP shards each process's own copy)
     torch.manual_seed(cfg.train.seed)
-    wrapped = attach_from_settings(model, a.settings())
+    wrapped = attach_from_settings(model, a.settings()) if a.from_ is None else _continue_adapter(model, a)
     counts = param_report(model)
     note = experts_header_note(cfg, model) if accelerator.is_main_process else None
     if note:  # a "QLoRA" MoE keeps its experts in the model dtype: say so before the run starts
@@ -93,6 +93,14 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
     if sharding is not None:
         model = parallel.shard_model(model, sharding, accelerator.device)
     return model, wrapped, counts
+
+
+def _continue_adapter(model, a) -> list[str]:
+    """adapter.from: the parent's layers attached with its weights copied in, trainable in place (the optimizer,
+    built later, starts fresh). Returns the wrapped module names."""
+    from lorafit.adapters.peft_io import adapter_dir_of, load_adapter
+
+    return load_adapter(model, adapter_dir_of(a.from_), dropout=a.dropout, method=a.method).wrapped
 
 
 def _keep_original_weights(cfg: Config, model, tokenizer) -> None:
@@ -283,7 +291,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
             if due or stopping:
                 progress.metrics = reporter.metrics
                 checkpoint.save_training_state(run_dir, accelerator, model, optimizer, scheduler, progress,
-                                             keep=t.keep_checkpoints, hooks=hooks)
+                                               keep=t.keep_checkpoints, hooks=hooks)
             if stopping:
                 raise TrainingStopped(f"interrupted at step {progress.step}: checkpoint saved; continue with "
                                       f"lorafit train {loaded.path} --resume", exit_code=130)

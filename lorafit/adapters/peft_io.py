@@ -113,6 +113,7 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
                           base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
                           rslora=rslora, dora=dora, fan_in_fan_out=conv1d, experts=experts,
                           all_experts=_all_experts(model) if experts else [])
+    config.update(_patterns({n: layers[n] for n in linear}, r, alpha))
     if settings is not None:
         layer_class = METHODS[settings["method"]].layer
         config.update(layer_class.peft_config(layers, settings))
@@ -129,6 +130,17 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
             (tmp / name).write_text(text)
 
     return write_dir_atomically(Path(out_dir), write)
+
+
+def _patterns(layers: dict, r: int, alpha: float) -> dict[str, dict[str, Any]]:
+    """rank_pattern / alpha_pattern for the LoRA layers whose rank or alpha is not the adapter's r / alpha (a
+    continued adapter's per-layer ranks): keys are the exact module names, escaped, as PEFT matches them."""
+    from lorafit.adapters.lora import LoraLinear
+
+    plain = {n: layer for n, layer in layers.items() if isinstance(layer, LoraLinear)}
+    ranks = {re.escape(n): layer.r for n, layer in plain.items() if layer.r != r}
+    alphas = {re.escape(n): layer.alpha for n, layer in plain.items() if layer.alpha != alpha}
+    return {"rank_pattern": ranks, "alpha_pattern": alphas}
 
 
 def _all_linear(model) -> list[str]:
@@ -235,7 +247,8 @@ def _group_by_module(tensors: dict) -> dict[str, dict[str, Any]]:
         raise RunDirError(str(e)) from None
 
 
-def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None) -> AdapterSettings:
+def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None,
+                 method: str | None = None) -> AdapterSettings:
     """Attach the LoRA layers an adapter folder describes (lorafit or PEFT format) and load their weights.
 
     Which modules are wrapped is read off the tensor names, so PEFT's list / regex / all-linear target_modules
@@ -245,6 +258,8 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
         model: the base model, without LoRA layers (full precision or quantized).
         adapter_dir: the adapter folder.
         dropout: adapter dropout for further training; default: the saved lora_dropout.
+        method: "lora_fa" to continue a LoRA-FA adapter (saved as peft_type LORA) with A frozen; default: LoRA,
+            or DoRA when the adapter has magnitude vectors.
 
     Returns:
         The adapter's settings and the wrapped module names.
@@ -277,7 +292,8 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
     missing = [n for n in grouped if n not in modules and n not in expert_names]
     if missing:
         more = " ..." if len(missing) > 3 else ""
-        raise RunDirError(f"{adapter_dir}: the adapter adapts {', '.join(missing[:3])}{more}, which this model "
+        this = getattr(getattr(model, "config", None), "_name_or_path", None) or "this model"
+        raise RunDirError(f"{adapter_dir}: the adapter adapts {', '.join(missing[:3])}{more}, which {this} "
                           f"does not have (the adapter's base: {config.get('base_model_name_or_path')})")
     for name, parts in grouped.items():
         if name in expert_names:
@@ -287,11 +303,14 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
         r = int(parts["lora_A.weight"].shape[0])  # (r, in): rank_pattern needs no lookup
         alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
         dora = "lora_magnitude_vector" in parts
-        wrap_module(model, name, method="dora" if dora else "lora", r=r, alpha=alpha, dropout=drop, rslora=rslora)
+        kind = "dora" if dora else "lora_fa" if method == "lora_fa" else "lora"
+        wrap_module(model, name, method=kind, r=r, alpha=alpha, dropout=drop, rslora=rslora)
     try:
         load_lora_state_dict(model, {f"{n}.{k}": t for n, parts in grouped.items() for k, t in parts.items()})
     except LorafitError as e:
-        raise RunDirError(f"{adapter_dir}: {e}") from None
+        this = getattr(getattr(model, "config", None), "_name_or_path", None) or "this model"
+        raise RunDirError(f"{adapter_dir}: {e} (the adapter's base: {config.get('base_model_name_or_path')}; "
+                          f"the model: {this})") from None
     return AdapterSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=drop, rslora=rslora,
                            dora=bool(config.get("use_dora", False)),
                            base_model_name_or_path=config.get("base_model_name_or_path"),
@@ -329,3 +348,83 @@ def _innermost(module):
     while hasattr(module, "base_layer"):
         module = module.base_layer
     return module
+
+
+# ------------------------------------------------------------------------------------------ continuing one
+
+LINEAGE_NAME = "lorafit.json"  # lorafit's own metadata beside the PEFT files: where the adapter came from
+
+
+def adapter_dir_of(path: str | Path) -> Path:
+    """The adapter folder `path` names: a run folder (its `adapter/`) or an adapter folder itself.
+
+    Raises:
+        RunDirError: neither holds an adapter_config.json (both places named).
+    """
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    if not path.exists():
+        raise RunDirError(f"{path}: no such run or adapter folder")
+    raise RunDirError(f"{path}: not an adapter (no {CONFIG_NAME} in it or in {path / 'adapter'}); give a run folder "
+                      f"or an adapter folder")
+
+
+def describe_adapter(adapter_dir: str | Path) -> dict[str, Any]:
+    """What a saved adapter is, in `adapter:` terms (plain data): method, r, alpha, rslora, targets, the VeRA
+    projection seed, and the base it was trained on. Reads adapter_config.json (and lorafit.yaml, which tells a
+    LoRA-FA adapter from a LoRA one: both save as peft_type LORA).
+
+    Raises:
+        RunDirError: not an adapter lorafit can load (`read_adapter_config`).
+    """
+    import yaml
+
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    peft_type = config.get("peft_type", "LORA")
+    lorafit_yaml = adapter_dir / "lorafit.yaml"
+    saved = (yaml.safe_load(lorafit_yaml.read_text()) or {}).get("adapter", {}) if lorafit_yaml.is_file() else {}
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = "re:" + targets  # PEFT fullmatches a string against module names, as lorafit's re: does
+    out: dict[str, Any] = {"r": int(config["r"]), "targets": sorted(targets) if isinstance(targets, list) else targets,
+                           "base": config.get("base_model_name_or_path"), "rslora": bool(config.get("use_rslora"))}
+    if peft_type == "VERA":
+        out.update(method="vera", alpha=float(config["r"]), vera={"projection_seed": int(config.get("projection_prng_key", 0))})
+    elif peft_type == "ADALORA":
+        out.update(method="adalora", alpha=float(config["lora_alpha"]))
+    else:
+        method = "dora" if config.get("use_dora") else "lora_fa" if saved.get("method") == "lora_fa" else "lora"
+        out.update(method=method, alpha=float(config["lora_alpha"]))
+    return out
+
+
+def tensors_sha256(adapter_dir: str | Path) -> str:
+    """SHA-256 over an adapter's tensors (names, dtypes, shapes and bytes, in name order): the same for the same
+    weights whichever file format holds them."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_read_tensors(Path(adapter_dir)).items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: bf16 has no numpy type
+    return digest.hexdigest()
+
+
+def lineage(parent_dir: str | Path) -> list[dict[str, str]]:
+    """The lineage a continued adapter records: its parent (absolute path, `tensors_sha256`) first, then the
+    parent's own lineage (when the parent was itself continued)."""
+    parent_dir = Path(parent_dir).resolve()
+    record = [{"path": str(parent_dir), "sha256": tensors_sha256(parent_dir)}]
+    meta = parent_dir / LINEAGE_NAME
+    if meta.is_file():
+        try:
+            record += json.loads(meta.read_text()).get("lineage", [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass  # a damaged record of the grandparents does not stop a run; the parent is recorded
+    return record
