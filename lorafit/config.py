@@ -69,6 +69,7 @@ class ModelConfig(_Section):
     attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"  # auto: the best the model and machine run
     trust_remote_code: bool = False
     quantization: QuantizationConfig | None = None  # null: full-precision base (LoRA); set: QLoRA
+    add_tokens: list[Text] = []  # added to the tokenizer as special tokens; embedding and head grow; rows train
 
 
 class VeraConfig(_Section):
@@ -112,6 +113,10 @@ class AdapterConfig(_Section):
     # Continue this adapter (a run or adapter folder, lorafit's or PEFT's): `load_config` takes its method, r, alpha,
     # targets from it (`_adapter_from`), training starts from its weights with a fresh optimizer.
     from_: Text | None = Field(None, alias="from", min_length=1)
+    # auto: the added tokens and the special tokens the data uses whose rows are untrained (`adapters.tokens`);
+    # none: refuse such tokens; a list: exactly these tokens' rows train (PEFT trainable_token_indices)
+    train_tokens: Literal["auto", "none"] | list[Text] = "auto"
+    modules_to_save: list[Text] = []  # modules trained and saved whole (PEFT modules_to_save), e.g. [lm_head]
 
     def settings(self) -> dict[str, Any]:
         """The section as plain data for `lorafit.adapters`, the chosen method's section filled with its defaults."""
@@ -592,6 +597,7 @@ def _adapter_problems(cfg: Config) -> list[str]:
     if a.method == "vera" and a.init == "gaussian":
         problems.append("adapter.init: gaussian sets LoRA's A; VeRA's projections are regenerated from "
                         "adapter.vera.projection_seed; use init default")
+    problems += _token_problems(cfg)
     ada = a.adalora or AdaloraConfig()
     if a.method == "adalora" and ada.init_r < a.r:
         problems.append(f"adapter.adalora.init_r: {ada.init_r} is below adapter.r ({a.r}), the average rank AdaLoRA "
@@ -605,6 +611,24 @@ def _adapter_problems(cfg: Config) -> list[str]:
     if a.method == "adalora" and ada.tinit + ada.tfinal >= 1:
         problems.append(f"adapter.adalora.tfinal: tinit + tfinal = {ada.tinit + ada.tfinal:g} leaves no steps for "
                         f"pruning; keep their sum below 1")
+    return problems
+
+
+def _token_problems(cfg: Config) -> list[str]:
+    """model.add_tokens / adapter.train_tokens / modules_to_save that are wrong whatever the tokenizer holds."""
+    problems, added = [], cfg.model.add_tokens
+    dupes = sorted({t for t in added if added.count(t) > 1})
+    if dupes:
+        problems.append(f"model.add_tokens: {', '.join(dupes)} listed more than once; list each token once")
+    if any(not t.strip() for t in added):
+        problems.append("model.add_tokens: an empty token; every token needs text, e.g. <|im_end|>")
+    a = cfg.adapter
+    if isinstance(a.train_tokens, list) and len(set(a.train_tokens)) != len(a.train_tokens):
+        problems.append("adapter.train_tokens: a token listed more than once")
+    if a.method in ("vera", "adalora") and (added or a.modules_to_save or isinstance(a.train_tokens, list)):
+        problems.append(f"adapter.method: {a.method} adapters are saved without token rows or modules_to_save here; "
+                        f"use method lora, dora or lora_fa with model.add_tokens / adapter.train_tokens / "
+                        f"adapter.modules_to_save")
     return problems
 
 
@@ -652,7 +676,7 @@ def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[st
 
 
 # Keys `adapter.from` decides: what the saved adapter is (its weights only fit layers built this way).
-_FROM_KEYS = ("method", "r", "alpha", "targets", "rslora", "vera.projection_seed")
+_FROM_KEYS = ("method", "r", "alpha", "targets", "rslora", "vera.projection_seed", "modules_to_save")
 
 
 def _adapter_from(cfg: Config, origins: dict[str, str], fallback: str) -> Config:
@@ -676,7 +700,7 @@ def _adapter_from(cfg: Config, origins: dict[str, str], fallback: str) -> Config
                           f"lora_fa and vera adapters (merge it first and train a new adapter on the merged model)",
                           source=fallback)
     values = {"method": parent["method"], "r": parent["r"], "alpha": parent["alpha"],
-              "targets": parent["targets"], "rslora": parent["rslora"],
+              "targets": parent["targets"], "rslora": parent["rslora"], "modules_to_save": parent["modules_to_save"],
               "vera.projection_seed": parent.get("vera", {}).get("projection_seed")}
     problems = []
     for key in _FROM_KEYS:

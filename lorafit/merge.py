@@ -203,9 +203,11 @@ def _initial_parts(source: Source) -> dict[str, torch.Tensor]:
 def fold_adapter(model) -> int:
     """Merge every LoRA layer into its base weight and put the plain layers back. Returns the layer count."""
     from lorafit.adapters import lora_layers, unwrap_lora
+    from lorafit.adapters.tokens import unwrap_token_rows
 
     count = len(lora_layers(model))
     unwrap_lora(model, merge=True)
+    unwrap_token_rows(model, merge=True)  # trained token rows written into the embedding / head
     return count
 
 
@@ -284,6 +286,7 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
     from rich.console import Console
 
     from lorafit.adapters.peft_io import load_adapter
+    from lorafit.model import align_model_with_tokenizer
 
     console = console or Console(highlight=False)
     warn = Console(stderr=True, highlight=False)
@@ -301,6 +304,7 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
 
     console.print(f"merging {src.adapter_dir} into {src.model.path} (float32)")
     model = load_full_precision_base(src, names)
+    align_model_with_tokenizer(model, tokenizer)  # a run that added tokens: the base grown to its tokenizer
     base_logits = logits_of(model, samples)
     load_adapter(model, src.adapter_dir, dropout=0.0)
     reference = logits_of(model, samples)

@@ -224,8 +224,33 @@ def load_tokenizer(cfg: ModelConfig | str, **settings: Any):
         tok = AutoTokenizer.from_pretrained(src.path, revision=src.revision, trust_remote_code=src.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise _load_error("tokenizer", src, e) from None
+    add_tokens(tok, mc.add_tokens)
     ensure_pad_token(tok)
     return tok
+
+
+def add_tokens(tokenizer, tokens: list[str]) -> list[int]:
+    """Add `tokens` (model.add_tokens) as special tokens; one the tokenizer already has as a special token is kept.
+
+    Returns:
+        The ids of all `tokens`.
+
+    Raises:
+        ConfigError: a token the tokenizer already has as an ordinary (non-special) token.
+    """
+    from lorafit.errors import ConfigError
+
+    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                   if t.special}
+    vocab = tokenizer.get_vocab()
+    ordinary = [f"{t} (id {vocab[t]})" for t in tokens if t in vocab and t not in special]
+    if ordinary:
+        raise ConfigError(f"model.add_tokens: {', '.join(ordinary)} is already an ordinary token of the tokenizer; "
+                          f"remove it from add_tokens (or pick a new marker)")
+    new = [t for t in tokens if t not in vocab]
+    if new:
+        tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(list(tokens))
 
 
 def ensure_pad_token(tokenizer) -> bool:
@@ -246,9 +271,12 @@ def ensure_pad_token(tokenizer) -> bool:
 
 def align_model_with_tokenizer(model, tokenizer) -> None:
     """Resize the input/output embeddings if the tokenizer grew, and record its pad id in the model's configs."""
-    vocab = len(tokenizer)
-    if vocab > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(vocab)
+    vocab, rows = len(tokenizer), model.get_input_embeddings().weight.shape[0]
+    if vocab > rows:
+        from lorafit.adapters.tokens import init_rows
+
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        init_rows(model, list(range(rows, vocab)))  # new rows start at the mean row, not at random
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -200,12 +200,16 @@ def save_final_adapter(run_dir: Path, cfg: Config, accelerator, model, tokenizer
         if Path(base).is_dir():
             base = str(Path(base).resolve())
         # lorafit.yaml: merge and eval read the quantization settings the adapter was trained against from it
-        extra = {"lorafit.yaml": cfg.to_yaml()}
+        extra = {"lorafit.yaml": cfg.to_yaml(), **_generation_config(cfg, tokenizer)}
+        if a.modules_to_save:
+            print(f"note: the adapter holds {', '.join(a.modules_to_save)} whole (modules_to_save); vLLM refuses such "
+                  f"adapters (vllm#9280): for vLLM, merge first (lorafit merge {run_dir} --out DIR)", flush=True)
         if a.from_ is not None:  # a continued adapter: the whole adapter, and where it came from
             extra[LINEAGE_NAME] = json.dumps({"lineage": _lineage(a.from_)}, indent=2) + "\n"
         save_adapter(parallel.unwrap(model), path, base_model_name_or_path=base, r=a.r, alpha=a.alpha,
                      dropout=a.dropout, targets=a.targets, rslora=a.rslora, dora=a.method == "dora",
-                     tokenizer=tokenizer, extra_files=extra, weights=weights, settings=a.settings())
+                     tokenizer=tokenizer, extra_files=extra, weights=weights, settings=a.settings(),
+                     modules_to_save=a.modules_to_save)
 
     failures: list[Exception] = []
     attempt(failures, accelerator.is_main_process, write)  # written atomically: a failure leaves no partial folder
@@ -222,3 +226,18 @@ def _lineage(parent: str) -> list[dict]:
         return lineage(adapter_dir_of(parent))
     except RunDirError:
         return [{"path": str(Path(parent).resolve()), "sha256": None}]
+
+
+def _generation_config(cfg: Config, tokenizer) -> dict[str, str]:
+    """{"generation_config.json": ...} naming where answers stop (EOS and a chat template's end-of-turn token, e.g.
+    an added <|im_end|>), so plain transformers / PEFT generation stops where training taught it to."""
+    from lorafit.data import end_token_ids
+
+    chat = any(s.format == "chat" for s in cfg.data.train)
+    ends = sorted(end_token_ids(tokenizer, cfg.data.chat_template, chat=chat))
+    if not ends:
+        return {}
+    config = {"eos_token_id": ends if len(ends) > 1 else ends[0], "pad_token_id": tokenizer.pad_token_id}
+    if tokenizer.bos_token_id is not None:
+        config["bos_token_id"] = tokenizer.bos_token_id
+    return {"generation_config.json": json.dumps(config, indent=2) + "\n"}

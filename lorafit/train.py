@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorafit import checkpoint, parallel, runstate, schedule
+from lorafit import checkpoint, parallel, runstate, schedule, vocab
 from lorafit.config import Config, LoadedConfig
 from lorafit.errors import LorafitError, TrainingStopped
 
@@ -65,8 +65,9 @@ def _check_trackers(trackers: list[str]) -> None:
                            f"pip install {' '.join(packages[t] for t in missing)} (or remove it from train.trackers)")
 
 
-def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, tokenizer):
-    """Base model and LoRA layers; under FSDP, the model sharded across processes.
+def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, tokenizer, rows=()):
+    """Base model and LoRA layers (plus token rows and modules_to_save, `lorafit.vocab`); under FSDP, the model
+    sharded across processes. `rows`: the training rows, scanned for the special tokens the data uses.
 
     Returns:
         (model, wrapped module names, parameter report taken before sharding).
@@ -85,7 +86,9 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
         _keep_original_weights(cfg, model, tokenizer)  # these inits need W itself, not only its quantization
     # The same seed on every process: each one starts from the same adapter (FSDP shards each process's own copy)
     torch.manual_seed(cfg.train.seed)
+    plan = _token_plan(cfg, model, tokenizer, rows, sharding, accelerator)
     wrapped = attach_from_settings(model, a.settings()) if a.from_ is None else _continue_adapter(model, a)
+    vocab.attach_vocab_trainables(cfg, model, plan)
     counts = param_report(model)
     note = experts_header_note(cfg, model) if accelerator.is_main_process else None
     if note:  # a "QLoRA" MoE keeps its experts in the model dtype: say so before the run starts
@@ -93,6 +96,21 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
     if sharding is not None:
         model = parallel.shard_model(model, sharding, accelerator.device)
     return model, wrapped, counts
+
+
+def _token_plan(cfg: Config, model, tokenizer, rows, sharding, accelerator) -> vocab.TokenPlan:
+    """Which token rows train (`vocab.plan_token_rows`), named in the run header; refused under FSDP."""
+    from lorafit.data import end_token_ids
+
+    chat = any(s.format == "chat" for s in cfg.data.train)
+    plan = vocab.plan_token_rows(cfg, model, tokenizer, rows, end_token_ids(tokenizer, cfg.data.chat_template, chat))
+    if sharding is not None and (plan.ids or cfg.adapter.modules_to_save):
+        raise LorafitError("FSDP: token rows and adapter.modules_to_save are not sharded by lorafit; train them "
+                           "with data parallel (torchrun / the DDP launch config)" +
+                           (f" (token rows: {plan.header()})" if plan.ids else ""))
+    if accelerator.is_main_process and plan.header():
+        print(plan.header(), flush=True)
+    return plan
 
 
 def _continue_adapter(model, a) -> list[str]:
@@ -238,7 +256,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     """
     from lorafit.adapters import training_hooks
     from lorafit.data import build_datasets
-    from lorafit.model import attention_in_use, load_tokenizer
+    from lorafit.model import attention_in_use
     from lorafit.reporting import RunReporter
 
     cfg, t = loaded.config, loaded.config.train
@@ -246,9 +264,10 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     run_dir = Path(cfg.output.dir)
     _on_main_then_all(accelerator, runstate.check_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path)
     # Data, model and targets are checked before output.dir is created: a refused start leaves nothing behind.
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = vocab.run_tokenizer(cfg)
     train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer)
+    model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer,
+                                          rows=() if getattr(train_rows, "streaming", False) else train_rows)
     _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
     streaming = getattr(train_rows, "streaming", False)  # data.streaming: rows made on the fly; max_steps is set
     per_epoch = t.max_steps if streaming else \

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.atomic import write_dir_atomically
-from lorafit.errors import RunDirError
+from lorafit.errors import LorafitError, RunDirError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -80,7 +80,8 @@ def _all_experts(model) -> list[str]:
 def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None, r: int, alpha: float,
                  dropout: float, targets: str | list[str], rslora: bool = False, dora: bool = False,
                  tokenizer=None, extra_files: dict[str, str] | None = None,
-                 weights: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Path:
+                 weights: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
+                 modules_to_save: list[str] = ()) -> Path:
     """Write the model's LoRA layers as a PEFT adapter folder, atomically (an existing folder is replaced only
     once the new one is complete).
 
@@ -96,6 +97,8 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
             when the layers hold only shards (FSDP). Default: read from the layers.
         settings: the `adapter:` section as plain data (`AdapterConfig.settings()`); its method adds its own
             adapter_config.json keys (peft_type ...) and may save a converted form of its tensors (PiSSA).
+        modules_to_save: module names trained whole (`tokens.train_whole`): saved whole under their own names.
+            Token-row layers (`tokens.TokenRows`) are saved as PEFT's trainable_token_indices.
 
     Returns:
         The adapter folder.
@@ -119,7 +122,9 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
         config.update(layer_class.peft_config(layers, settings))
         config = {k: v for k, v in config.items() if k not in layer_class.peft_config_drop}
     found = lora_state_dict(model, export=True) if weights is None else adapter_tensors(weights)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in found.items()}
+    extra, extra_config = _extra_trainables(model, list(modules_to_save))
+    config.update(extra_config)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**found, **extra}.items()}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -130,6 +135,22 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
             (tmp / name).write_text(text)
 
     return write_dir_atomically(Path(out_dir), write)
+
+
+def _extra_trainables(model, modules_to_save: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Token rows and whole modules: (their tensors under PEFT's names, their adapter_config.json keys).
+
+    trainable_token_indices is keyed by module name, the embedding's and (untied) the head's; a tied head shares
+    the embedding's rows and is not listed (PEFT ties it again on load).
+    """
+    from lorafit.adapters import PEFT_PREFIX
+    from lorafit.adapters.tokens import find_modules, token_row_layers, token_row_tensors, whole_module_tensors
+
+    rows = {n: layer.token_indices for n, layer in token_row_layers(model).items() if not layer.tied}
+    tensors = {PEFT_PREFIX + k: v for k, v in token_row_tensors(model).items()}
+    whole = list(find_modules(model, list(modules_to_save))) if modules_to_save else []
+    tensors.update({PEFT_PREFIX + k: v for k, v in whole_module_tensors(model, whole).items()})
+    return tensors, {"trainable_token_indices": rows or None, "modules_to_save": list(modules_to_save) or None}
 
 
 def _patterns(layers: dict, r: int, alpha: float) -> dict[str, dict[str, Any]]:
@@ -201,16 +222,14 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     unsupported = [f"{k}={config[k]!r}" for k, ok in _SUPPORTED.items() if k in config and not ok(config[k])]
     if unsupported:
         raise RunDirError(f"{path}: {', '.join(unsupported)} is not supported by lorafit (plain LoRA/DoRA on linear "
-                          f"layers, no bias, no modules_to_save); load it with PEFT instead")
+                          f"layers, no bias); load it with PEFT instead")
     return config
 
 
 _SUPPORTED = {  # adapter_config.json keys lorafit cannot honour unless they have their neutral value
     "bias": lambda v: v in (None, "none"),
     "lora_bias": lambda v: not v,
-    "modules_to_save": lambda v: not v,
     "layer_replication": lambda v: not v,
-    "trainable_token_indices": lambda v: not v,
 }
 
 
@@ -278,7 +297,10 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
 
         return layer_for_peft_type(config["peft_type"]).load_peft(model, adapter_dir, config, _read_tensors(adapter_dir),
                                                                   dropout=dropout)
-    grouped = _group_by_module(_read_tensors(adapter_dir))
+    tensors = _read_tensors(adapter_dir)
+    resize_for_adapter(model, adapter_dir, config, tensors)
+    extras = _take_extra_trainables(model, adapter_dir, config, tensors)  # removes them from `tensors`
+    grouped = _group_by_module(tensors)
     if not grouped:
         raise RunDirError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")
     if lora_layers(model):
@@ -305,6 +327,7 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
         dora = "lora_magnitude_vector" in parts
         kind = "dora" if dora else "lora_fa" if method == "lora_fa" else "lora"
         wrap_module(model, name, method=kind, r=r, alpha=alpha, dropout=drop, rslora=rslora)
+    extras()
     try:
         load_lora_state_dict(model, {f"{n}.{k}": t for n, parts in grouped.items() for k, t in parts.items()})
     except LorafitError as e:
@@ -315,6 +338,122 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
                            dora=bool(config.get("use_dora", False)),
                            base_model_name_or_path=config.get("base_model_name_or_path"),
                            target_modules=config.get("target_modules"), wrapped=list(lora_layers(model)))
+
+
+def resize_for_adapter(model, adapter_dir: Path, config: dict, tensors: dict) -> None:
+    """Grow the model's embedding (and head) to the vocabulary the adapter was trained with: the tokenizer saved
+    beside it, at least every token row it trains (new rows start at the mean row, as in training)."""
+    from lorafit.adapters import PEFT_PREFIX
+    from lorafit.adapters.tokens import DELTA
+
+    indices = config.get("trainable_token_indices") or []
+    ids = [i for v in (indices.values() if isinstance(indices, dict) else [indices]) for i in v]
+    embed = model.get_input_embeddings()
+    needed = max(ids, default=-1) + 1
+    whole = [t.shape[0] for k, t in tensors.items() if DELTA not in k and t.dim() == 2 and k.startswith(PEFT_PREFIX)
+             and k[len(PEFT_PREFIX):].rpartition(".")[0] in _whole_names(model, config)]
+    needed = max([needed, *whole])
+    if needed == 0 or needed <= embed.weight.shape[0]:
+        return
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        needed = max(needed, len(AutoTokenizer.from_pretrained(str(adapter_dir))))
+    from lorafit.adapters.tokens import init_rows
+
+    rows = embed.weight.shape[0]
+    model.resize_token_embeddings(needed, mean_resizing=False)
+    init_rows(model, list(range(rows, needed)))
+
+
+def _whole_names(model, config: dict) -> list[str]:
+    from lorafit.adapters.tokens import find_modules
+
+    names = config.get("modules_to_save") or []
+    try:
+        return list(find_modules(model, names)) if names else []
+    except LorafitError as e:
+        raise RunDirError(str(e).replace("adapter.modules_to_save", "the adapter's modules_to_save")) from None
+
+
+def _take_extra_trainables(model, adapter_dir: Path, config: dict, tensors: dict):
+    """Take the token rows and whole modules out of `tensors`; returns a function that attaches them (called once
+    the LoRA layers are in place), trainable, with their saved values."""
+    import torch
+
+    from lorafit.adapters import PEFT_PREFIX
+    from lorafit.adapters.tokens import DELTA, TOKEN_ADAPTER, attach_token_rows, train_whole
+
+    rows = {k[len(PEFT_PREFIX):].removesuffix(f".{TOKEN_ADAPTER}.{DELTA}"): tensors.pop(k)
+            for k in [k for k in tensors if k.endswith(f".{TOKEN_ADAPTER}.{DELTA}")]}
+    whole_names = _whole_names(model, config)
+    whole = {k[len(PEFT_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(PEFT_PREFIX)
+             and k[len(PEFT_PREFIX):].rpartition(".")[0] in whole_names]}
+    indices = config.get("trainable_token_indices") or []
+    if rows and not indices:
+        raise RunDirError(f"{adapter_dir}: token rows are saved but trainable_token_indices is missing")
+    layers = _embedding_layers(model, tensors)
+
+    def attach() -> None:
+        for module, value in layers.items():
+            if module.weight.shape != value.shape:
+                raise RunDirError(f"{adapter_dir}: a saved embedding layer {tuple(value.shape)} does not fit the "
+                                  f"model's {tuple(module.weight.shape)}")
+            with torch.no_grad():
+                module.weight.copy_(value)
+        if whole_names:
+            train_whole(model, whole_names)
+            params = dict(model.named_parameters())
+            for key, value in whole.items():
+                if key not in params or params[key].shape != value.shape:
+                    raise RunDirError(f"{adapter_dir}: modules_to_save tensor {key} {tuple(value.shape)} does not fit "
+                                      f"the model")
+                with torch.no_grad():
+                    params[key].copy_(value)
+        if not rows:
+            return
+        embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+        ids = indices if isinstance(indices, list) else next(
+            (v for k, v in indices.items() if embed_name == k or embed_name.endswith("." + k)), [])
+        if not ids:
+            raise RunDirError(f"{adapter_dir}: trainable_token_indices {indices} names no input embedding")
+        attach_token_rows(model, ids)
+        _fill_token_rows(model, adapter_dir, rows)
+
+    return attach
+
+
+def _embedding_layers(model, tensors: dict) -> dict:
+    """Take out whole embedding / head weights PEFT saved beside the adapter (it does when the vocabulary was
+    resized: ``<module>.weight`` or ``<module>.token_adapter.base_layer.weight``): {module: weight}."""
+    from lorafit.adapters import PEFT_PREFIX
+
+    modules = {n: m for n, m in model.named_modules() if m is model.get_input_embeddings()
+               or m is model.get_output_embeddings()}
+    found = {}
+    for key in list(tensors):
+        path = key[len(PEFT_PREFIX):].replace(".token_adapter.base_layer.", ".") if key.startswith(PEFT_PREFIX) \
+            else key
+        name, _, param = path.rpartition(".")
+        if name in modules and param == "weight":
+            found[modules[name]] = tensors.pop(key)
+    return found
+
+
+def _fill_token_rows(model, adapter_dir: Path, rows: dict) -> None:
+    """Copy saved token-row blocks into the attached layers; a missing untied head block keeps the base rows (a
+    PEFT adapter that trained the embedding's rows only)."""
+    import torch
+
+    from lorafit.adapters.tokens import token_row_layers
+
+    layers = token_row_layers(model)
+    for name, value in rows.items():
+        match = next((layer for n, layer in layers.items() if n == name or n.endswith("." + name)), None)
+        if match is None or match.delta.shape != value.shape:
+            raise RunDirError(f"{adapter_dir}: token rows for {name} {tuple(value.shape)} do not fit the model")
+        with torch.no_grad():
+            match.delta.copy_(value)
 
 
 def _wrap_experts(model, adapter_dir: Path, config: dict, grouped: dict, rslora: bool) -> set[str]:
@@ -390,7 +529,8 @@ def describe_adapter(adapter_dir: str | Path) -> dict[str, Any]:
     if isinstance(targets, str) and targets != "all-linear":
         targets = "re:" + targets  # PEFT fullmatches a string against module names, as lorafit's re: does
     out: dict[str, Any] = {"r": int(config["r"]), "targets": sorted(targets) if isinstance(targets, list) else targets,
-                           "base": config.get("base_model_name_or_path"), "rslora": bool(config.get("use_rslora"))}
+                           "base": config.get("base_model_name_or_path"), "rslora": bool(config.get("use_rslora")),
+                           "modules_to_save": sorted(config.get("modules_to_save") or [])}
     if peft_type == "VERA":
         out.update(method="vera", alpha=float(config["r"]), vera={"projection_seed": int(config.get("projection_prng_key", 0))})
     elif peft_type == "ADALORA":
