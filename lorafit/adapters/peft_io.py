@@ -150,7 +150,8 @@ def _extra_trainables(model, modules_to_save: list[str]) -> tuple[dict[str, Any]
     tensors = {PEFT_PREFIX + k: v for k, v in token_row_tensors(model).items()}
     whole = list(find_modules(model, list(modules_to_save))) if modules_to_save else []
     tensors.update({PEFT_PREFIX + k: v for k, v in whole_module_tensors(model, whole).items()})
-    return tensors, {"trainable_token_indices": rows or None, "modules_to_save": list(modules_to_save) or None}
+    config = {"trainable_token_indices": rows or None, "modules_to_save": list(modules_to_save) or None}
+    return tensors, {k: v for k, v in config.items() if v is not None}  # other methods' formats lack the keys
 
 
 def _patterns(layers: dict, r: int, alpha: float) -> dict[str, dict[str, Any]]:

@@ -58,14 +58,6 @@ def vera_delta(a: torch.Tensor, b: torch.Tensor, lambda_b: torch.Tensor, lambda_
     return (lambda_b[:, None] * b) @ (lambda_d[:, None] * a)
 
 
-def check_rank(r: int, in_features: int, out_features: int) -> None:
-    """Refuse a rank no (out, in) layer can use: the projections' rank must fit the layer's smaller side."""
-    if r > min(in_features, out_features):
-        raise LorafitError(f"adapter.r: {r} is larger than a VeRA target's dimensions ({out_features} out × "
-                           f"{in_features} in); VeRA's rank can be at most {min(in_features, out_features)} here; "
-                           f"lower adapter.r or leave such layers out (adapter.exclude)")
-
-
 # ---------------------------------------------------------------------------------------------- the layer
 
 
@@ -107,14 +99,12 @@ class VeraLinear(AdapterLayer):
 
     @classmethod
     def prepare_model(cls, model: nn.Module, layers: dict[str, AdapterLayer], settings: dict) -> None:
-        for layer in layers.values():
-            check_rank(layer.r, layer.in_features, layer.out_features)
         share_projections(layers, settings["vera"]["projection_seed"])
 
     @classmethod
     def param_count(cls, in_features: int, out_features: int, settings: dict) -> int:
-        """λ_b (out) and λ_d (r); the shared projections are frozen."""
-        check_rank(settings["r"], in_features, out_features)
+        """λ_b (out) and λ_d (r); the shared projections are frozen. Any r fits any layer: the layer's slices of
+        A (r, in) and B (out, r) exist for every r (VeRA's paper uses r = 1024 on 768-wide layers)."""
         return out_features + settings["r"]
 
     @classmethod
