@@ -183,10 +183,28 @@ def add_adapter(bank, name: str, adapter_dir: Path) -> None:
 
     if name in bank.names:
         raise RunDirError(f"adapter name {name!r} is already loaded; give each adapter its own name")
+    _check_alone(bank, name, adapter_dir)
     with bank.detached() as model:
         load_adapter(model, adapter_dir, dropout=0.0)
         layers = take_adapter_layers(model)
     bank.add(name, layers)
+
+
+def _check_alone(bank, name: str, adapter_dir: Path) -> None:
+    """An adapter with token rows or modules_to_save changes the base itself (its embedding / head), so it can
+    only be held alone; refuse it beside others (merge it instead)."""
+    from lorafit.adapters.peft_io import read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    if config.get("trainable_token_indices") or config.get("modules_to_save"):
+        if bank.names:
+            raise RunDirError(f"--adapter {name}={adapter_dir}: it trains token rows or modules_to_save, which change "
+                              f"the base's embedding / head, so it cannot share a base with other adapters; serve it "
+                              f"alone, or merge it (lorafit merge) and serve the merged model")
+        bank.alone = name
+    elif getattr(bank, "alone", None):
+        raise RunDirError(f"--adapter {name}={adapter_dir}: {bank.alone} trains token rows or modules_to_save and is "
+                          f"held alone; serve the others on their own, or merge {bank.alone} first")
 
 
 def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: Path | None = None,

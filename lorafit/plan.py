@@ -94,6 +94,20 @@ def _find_model_config(cfg: Config) -> tuple[Any, str] | tuple[None, str]:
                   f"counted offline (download it once, or point model.path at a local folder)")
 
 
+def _vocab_params(cfg: Config, model) -> int:
+    """Trainable parameters beside the adapter: modules_to_save whole (refused when a name matches nothing), and
+    the added tokens' rows (embedding, and the untied head). Untrained special tokens found in the data at the start
+    of training add their rows too; those are not known here."""
+    from lorafit.adapters.tokens import find_modules, heads_tied
+
+    whole = find_modules(model, cfg.adapter.modules_to_save) if cfg.adapter.modules_to_save else {}
+    params = sum(p.numel() for m in whole.values() for p in m.parameters())
+    if cfg.model.add_tokens:
+        dim = model.get_input_embeddings().weight.shape[1]
+        params += len(cfg.model.add_tokens) * dim * (1 if heads_tied(model) else 2)
+    return params
+
+
 def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,6 +129,7 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     expert_adapter = sum(expert_param_count(*experts[n], a.r) for n in expert_targets)
     adapter_params = expert_adapter + sum(method_param_count(*linear_features(modules[n]), settings)
                                           for n in targets if n not in experts)
+    adapter_params += _vocab_params(cfg, model)
     head = model.get_output_embeddings()
     # bitsandbytes quantizes nn.Linear and Conv1D layers, never the fused 3-D expert weights
     quantizable = sum(m.weight.numel() for m in modules.values() if is_linear(m) and m is not head)

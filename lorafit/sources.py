@@ -146,7 +146,20 @@ def stop_token_ids(tokenizer, source: Source) -> list[int]:
     from lorafit.data import end_token_ids
 
     template = source.config.data.chat_template if source.config is not None else None
-    return sorted(end_token_ids(tokenizer, template, chat=is_chat_run(source)))
+    return sorted(end_token_ids(tokenizer, template, chat=is_chat_run(source)) | saved_stop_ids(source))
+
+
+def saved_stop_ids(source: Source) -> set[int]:
+    """The eos_token_id(s) of the adapter's (or model's) generation_config.json: a run that added an end-of-turn
+    token records it there."""
+    import json
+
+    path = (source.adapter_dir or source.path) / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)}
 
 
 def residual_base_note(source: Source) -> str | None:

@@ -340,3 +340,19 @@ def test_add_tokens_refuses_an_ordinary_token_and_keeps_an_existing_special_one(
     with pytest.raises(ConfigError, match="already an ordinary token"):
         add_tokens(tok, [ordinary])
     assert add_tokens(tok, ["<|im_end|>"]) == [tok.convert_tokens_to_ids("<|im_end|>")] and len(tok) == 384
+
+
+def test_an_adapter_with_token_rows_is_not_held_beside_others(tmp_path, capsys):
+    from rundirs import make_run, run_cli
+
+    base_dir, grown, model, new_ids = grown_base(tmp_path, tied=False)
+    attach_lora(model, ["q_proj"], r=R, alpha=ALPHA)
+    attach_token_rows(model, new_ids)
+    save_adapter(model, tmp_path / "rows", base_model_name_or_path=str(base_dir), r=R, alpha=ALPHA, dropout=0.0,
+                 targets=["q_proj"], tokenizer=grown)
+    other = make_run(tmp_path, base_dir, build_tokenizer(), name="other")
+    capsys.readouterr()
+    assert run_cli("generate", str(tmp_path / "rows"), "--prompt", "hi", "--adapter", f"other={other}") == 2
+    err = capsys.readouterr().err
+    assert "token rows" in err and "merge" in err and "Traceback" not in err
+    assert run_cli("generate", str(tmp_path / "rows"), "--prompt", "hi", "--max-new-tokens", "2") == 0
