@@ -119,6 +119,12 @@ def check_config_fits(cfg) -> None:
     check_sharding_fits(quant_bits=q.bits if q else None, dora=cfg.adapter.method == "dora",
                         precision=cfg.train.precision, optimizer=cfg.train.optimizer, init=cfg.adapter.init,
                         method=cfg.adapter.method)
+    vocab = [k for k, on in (("model.add_tokens", cfg.model.add_tokens), ("adapter.modules_to_save",
+                                                                           cfg.adapter.modules_to_save),
+                             ("adapter.train_tokens", isinstance(cfg.adapter.train_tokens, list))) if on]
+    if vocab:
+        raise LorafitError(f"FSDP: {', '.join(vocab)} train embedding / head rows or whole modules, which lorafit does "
+                           f"not shard; train with data parallel (torchrun, or the DDP launch config)")
 
 
 def take_fsdp_request_from_environment() -> None:

@@ -356,3 +356,15 @@ def test_an_adapter_with_token_rows_is_not_held_beside_others(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "token rows" in err and "merge" in err and "Traceback" not in err
     assert run_cli("generate", str(tmp_path / "rows"), "--prompt", "hi", "--max-new-tokens", "2") == 0
+
+
+@pytest.mark.parametrize("override,key", [("model.add_tokens=[<|x|>]", "model.add_tokens"),
+                                          ("adapter.modules_to_save=[lm_head]", "adapter.modules_to_save")])
+def test_fsdp_refuses_token_rows_and_whole_modules_before_loading(tmp_path, tiny_model_dir, override, key):
+    from lorafit.config import load_config
+    from lorafit.errors import LorafitError
+    from lorafit.parallel import check_config_fits
+
+    cfg = load_config(token_config(tmp_path, tiny_model_dir), [override]).config
+    with pytest.raises(LorafitError, match=rf"FSDP: {key}"):
+        check_config_fits(cfg)
