@@ -154,6 +154,18 @@ def test_modules_to_save_round_trip_through_peft_both_ways(tmp_path, tied):
     load_adapter(mine, tmp_path / "peft-made", dropout=0.0)
     with torch.no_grad():
         assert _rel(mine(x).logits, want) <= 1e-5
+    _assert_merge_gives(tmp_path / "peft-made", tmp_path / "merged", x, want)
+
+
+def _assert_merge_gives(adapter: Path, out: Path, x: torch.Tensor, want: torch.Tensor) -> None:
+    """`lorafit merge` of a (PEFT-made) adapter writes a model whose logits are `want`."""
+    from rundirs import run_cli
+    from transformers import AutoModelForCausalLM
+
+    assert run_cli("merge", str(adapter), "--out", str(out), "--dtype", "float32") == 0
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _rel(merged(x).logits, want) <= 1e-5
 
 
 def test_peft_made_trainable_tokens_load_in_lorafit(tmp_path):
@@ -176,6 +188,7 @@ def test_peft_made_trainable_tokens_load_in_lorafit(tmp_path):
     load_adapter(mine, tmp_path / "peft-made", dropout=0.0)
     with torch.no_grad():
         assert _rel(mine(x).logits, want) <= 1e-5
+    _assert_merge_gives(tmp_path / "peft-made", tmp_path / "merged", x, want)
 
 
 def test_untrained_rows_are_those_far_below_the_median_norm():
