@@ -91,8 +91,10 @@ def adapter_disabled(model):
     """The base model for the duration of the block: each LoRA wrapper is swapped for the layer it wraps (shared
     weights, nothing copied) and put back afterwards, so base and adapter are measured on one loaded model."""
     from lorafit.adapters import lora_layers
+    from lorafit.adapters.tokens import token_row_layers
 
-    layers = lora_layers(model)
+    # Token rows too (the base has its own rows there); modules_to_save were loaded into the base in place and stay.
+    layers = {**lora_layers(model), **token_row_layers(model)}
     for name, layer in reversed(layers.items()):  # innermost first: MoE expert layers nest
         model.set_submodule(name, layer.base_layer)
     try:

@@ -307,9 +307,14 @@ def test_chatml_markers_added_to_a_base_train_stop_and_match_peft_after_merge(tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = token_config(tmp_path, learnable_model_dir)
-    _override(config, model__add_tokens=["<|turn|>", "<|end|>"], data__chat_template=TURN_TEMPLATE)
+    _override(config, model__add_tokens=["<|turn|>", "<|end|>"], data__chat_template=TURN_TEMPLATE,
+              data__eval_fraction=0.125)
     assert run_cli("train", str(config)) == 0
     adapter = tmp_path / "run" / "adapter"
+    # eval: the base (its own, mean rows for the new tokens) and the adapter on the grown vocabulary
+    assert run_cli("eval", str(tmp_path / "run"), "--json", str(tmp_path / "eval.json")) == 0
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["adapter"]["loss"] < scores["base"]["loss"]
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     assert len(tokenizer) == 386 and end in tokenizer.all_special_ids
