@@ -386,3 +386,18 @@ def test_fsdp_refuses_token_rows_and_whole_modules_before_loading(tmp_path, tiny
     cfg = load_config(token_config(tmp_path, tiny_model_dir), [override]).config
     with pytest.raises(LorafitError, match=rf"FSDP: {key}"):
         check_config_fits(cfg)
+
+
+def test_an_explicit_train_tokens_list_trains_exactly_those_rows(tmp_path, llama3_like_dir):
+    from lorafit.config import load_config
+    from lorafit.model import load_model, load_tokenizer
+    from lorafit.vocab import plan_token_rows
+
+    tok = build_tokenizer()
+    cfg = load_config(token_config(tmp_path, llama3_like_dir), ["adapter.train_tokens=[</s>]"]).config
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer=tokenizer)
+    ends = {tok.convert_tokens_to_ids("<|im_end|>")}  # untrained, but not listed: left alone
+    assert plan_token_rows(cfg, model, tokenizer, [], ends).ids == [tok.eos_token_id]
+    auto = load_config(token_config(tmp_path, llama3_like_dir)).config
+    assert plan_token_rows(auto, model, tokenizer, [], ends).ids == sorted(ends)
