@@ -285,8 +285,7 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
     """
     from rich.console import Console
 
-    from lorafit.adapters.peft_io import load_adapter
-    from lorafit.model import align_model_with_tokenizer
+    from lorafit.adapters.peft_io import grow_for_adapter, load_adapter
 
     console = console or Console(highlight=False)
     warn = Console(stderr=True, highlight=False)
@@ -304,7 +303,7 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
 
     console.print(f"merging {src.adapter_dir} into {src.model.path} (float32)")
     model = load_full_precision_base(src, names)
-    align_model_with_tokenizer(model, tokenizer)  # a run that added tokens: the base grown to its tokenizer
+    grow_for_adapter(model, src.adapter_dir)  # a run that added tokens: the base grown to its tokenizer
     base_logits = logits_of(model, samples)
     load_adapter(model, src.adapter_dir, dropout=0.0)
     reference = logits_of(model, samples)

@@ -367,6 +367,15 @@ def resize_for_adapter(model, adapter_dir: Path, config: dict, tensors: dict) ->
     init_rows(model, list(range(rows, needed)))
 
 
+def grow_for_adapter(model, adapter_dir: str | Path) -> None:
+    """`resize_for_adapter` from the folder alone: the base grown to the vocabulary the adapter's token rows /
+    whole embedding modules need (nothing for an adapter without them)."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    if config.get("trainable_token_indices") or config.get("modules_to_save"):
+        resize_for_adapter(model, adapter_dir, config, _read_tensors(adapter_dir))
+
+
 def _whole_names(model, config: dict) -> list[str]:
     from lorafit.adapters.tokens import find_modules
 
