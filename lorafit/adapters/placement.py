@@ -83,6 +83,13 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def projection_name(name: str) -> str:
+    """What follows the layer index: ``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``."""
+    parts = name.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[digits[0] + 1:]) or name if digits else name
+
+
 def filter_layers(names: list[str], layers: list[int] | None, key: str = "adapter.layers") -> list[str]:
     """The targets inside the chosen layers (all of them when `layers` is None).
 
@@ -123,9 +130,7 @@ def compact_ranks(ranks: Mapping[str, int]) -> list[str]:
         if i is None:
             loose.append(f"{name}  r={r}")
             continue
-        parts = name.split(".")
-        proj = ".".join(parts[parts.index(str(i)) + 1:]) or name  # what follows the layer index
-        groups.setdefault((proj, r), []).append(i)
+        groups.setdefault((projection_name(name), r), []).append(i)
     width = max((len(p) for p, _ in groups), default=0)
     lines = [f"{p:<{width}}  r={r:<4} layers {layer_ranges(ix)}" for (p, r), ix in groups.items()]
     return lines + loose
@@ -251,3 +256,36 @@ def allocation(scores: Mapping[str, float], shapes: Mapping[str, tuple[int, int]
     caps = {n: rank_cap(i, o, r_max or 4 * r) for n, (i, o) in shapes.items()}
     ranks = allocate_ranks(scores, costs, uniform_budget(costs, r), caps)
     return {n: (ri, scaled_alpha(alpha, r, ri, rslora)) for n, ri in ranks.items() if ri > 0}
+
+
+# ------------------------------------------------------------------------------------- the adapter settings
+
+
+def place(names: list[str], settings: Mapping) -> dict[str, dict]:
+    """Which of the candidate targets get an adapter, and each one's layer arguments that differ from the
+    uniform ones: {module: {"r": r_i, "alpha": alpha_i} or {}}.
+
+    Args:
+        names: the candidates (`targets.find_targets`), in model order.
+        settings: the `adapter:` section as plain data (`AdapterConfig.settings()`); an ``allocation`` key
+            ({module: [r, alpha]}, from the gradient probe or a run's saved allocation) wins over the patterns.
+
+    Raises:
+        ConfigError: `adapter.layers` out of range, or a pattern that matches no target.
+    """
+    names = filter_layers(names, settings.get("layers"))
+    r, alpha = settings["r"], settings.get("alpha")
+    allocated = settings.get("allocation")
+    if allocated is not None:
+        chosen = {n: (int(v[0]), float(v[1])) for n, v in allocated.items() if n in set(names) and int(v[0]) > 0}
+        chosen |= {n: (r, alpha) for n in names if n not in allocated}  # not scored (fused expert weights)
+    else:
+        for key in ("rank_pattern", "alpha_pattern"):
+            check_patterns(settings.get(key) or {}, names, f"adapter.{key}")
+        chosen = module_settings(names, r, alpha, settings.get("rank_pattern"), settings.get("alpha_pattern"))
+    out = {}
+    for n in names:
+        if n in chosen:
+            r_i, a_i = chosen[n]
+            out[n] = {k: v for k, v, default in (("r", r_i, r), ("alpha", a_i, alpha)) if v != default}
+    return out
