@@ -96,7 +96,7 @@ def gradient_scores(model: nn.Module, names: list[str], batches: list[dict[str, 
                     rank: int = PROBE_RANK, accelerator=None) -> tuple[dict[str, float], int]:
     """Score each module in `names` from the gradient the batches send to it (see the module docstring).
 
-    The model is left as it came (probe layers removed); its parameters stay frozen.
+    The base is frozen while probing and left as it came (probe layers removed, requires_grad flags restored).
 
     Args:
         model: the frozen base (any quantization), without adapter layers.
@@ -122,6 +122,9 @@ def gradient_scores(model: nn.Module, names: list[str], batches: list[dict[str, 
     if tokens.item() == 0:
         raise DataError("the gradient probe read no supervised token in data.train's first batches; check the "
                         "labels with lorafit data CONFIG (train_on_prompt, masking)")
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)  # the base stays frozen: only the probe's B matrices get gradients
     torch.manual_seed(seed)
     for name in names:
         layer = wrap_module(model, name, r=rank, alpha=float(rank), dropout=0.0, init="gaussian")
@@ -146,6 +149,8 @@ def gradient_scores(model: nn.Module, names: list[str], batches: list[dict[str, 
     finally:
         unwrap_lora(model)
         model.train(was_training)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
     return scores, int(tokens.item())
 
 
