@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from lorafit.adapters.placement import (
     allocate_ranks,
@@ -135,3 +136,111 @@ def test_compact_display_groups_layers_into_ranges():
 
 def test_scaled_alpha_is_the_identity_at_r():
     assert scaled_alpha(ALPHA, R, R) == ALPHA and scaled_alpha(ALPHA, R, R, rslora=True) == ALPHA
+
+
+# ------------------------------------------------------------------------------ config, attach, files, PEFT
+
+
+def _config_problems(tmp_path, **adapter) -> list[str]:
+    import yaml
+    from test_config import minimal_with, problems_of, write
+
+    return problems_of(write(tmp_path / "c.yaml", minimal_with(yaml.safe_dump({"adapter": adapter}))))
+
+
+@pytest.mark.parametrize("adapter, expected", [
+    ({"method": "vera", "allocate": "gradient"}, "adapter.allocate: method vera shares one rank"),
+    ({"method": "adalora", "allocate": "gradient"}, "adapter.allocate: method adalora allocates its ranks itself"),
+    ({"allocate_batches": 0}, "adapter.allocate_batches: input should be greater than or equal to 1"),
+    ({"rank_pattern": {"q_proj": 0}}, "leave a module out with adapter.exclude, or let adapter.allocate"),
+    ({"rank_pattern": {"q_proj[": 4}}, "adapter.rank_pattern: 'q_proj[' is not a valid regular expression"),
+    ({"alpha_pattern": {"(": 4}}, "adapter.alpha_pattern: '(' is not a valid regular expression"),
+    ({"layers": [0, -1]}, "adapter.layers: [0, -1]: give distinct layer indices >= 0"),
+    ({"allocate": "gradient", "rank_pattern": {"q_proj": 4}}, "allocate: gradient sets every module's rank"),
+    ({"allocate": "gradients"}, "did you mean 'gradient'"),
+])
+def test_bad_placement_keys_are_refused_at_load(tmp_path, adapter, expected):
+    assert any(expected in p for p in _config_problems(tmp_path, **adapter)), _config_problems(tmp_path, **adapter)
+
+
+def _cli_validate(tmp_path, model_dir, *overrides):
+    from rundirs import config_dict, run_cli, write_config
+
+    config = write_config(tmp_path / "cfg", config_dict(tmp_path / "run", model_dir, eval_data=False))
+    return run_cli("validate", str(config), *overrides)
+
+
+def test_validate_shows_per_module_ranks_as_layer_ranges(tmp_path, tiny_model_dir, capsys):
+    assert _cli_validate(tmp_path, tiny_model_dir, "adapter.rank_pattern={'layers\\.1\\.mlp\\.up_proj': 2}",
+                         "adapter.targets=[up_proj, q_proj]") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"mlp\.up_proj\s+r=4\s+layers 0\b", out) and re.search(r"mlp\.up_proj\s+r=2\s+layers 1\b", out)
+    assert re.search(r"self_attn\.q_proj\s+r=4\s+layers 0-1", out)
+    # trainable parameters counted per module: 3 layers at r=4 and one at r=2 (up_proj 64 -> 192, q_proj 64 -> 64)
+    assert f"{(4 * 256 + 2 * 256 + 2 * 4 * 128) / 1000:.2f}K trainable" in out
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["adapter.rank_pattern={nope_proj: 2}"], "adapter.rank_pattern: 'nope_proj' matches no adapter target"),
+    (["adapter.layers=[0, 5]"], "adapter.layers: [5] out of range; the model's layers are 0-1"),
+])
+def test_placement_that_fits_no_target_exits_2_with_the_targets_listed(tmp_path, tiny_model_dir, capsys, overrides,
+                                                                        expected):
+    assert _cli_validate(tmp_path, tiny_model_dir, *overrides) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    if "rank_pattern" in expected:
+        assert "model.layers.0.self_attn.q_proj" in err  # the targets are listed
+
+
+@pytest.mark.parametrize("method, init", [("lora", "default"), ("dora", "default"), ("lora_fa", "default"),
+                                          ("lora", "pissa"), ("lora", "olora")])
+def test_every_ranked_method_honours_patterns_and_layers_and_peft_reads_it(tmp_path, tiny_tokenizer, method, init):
+    from conftest import build_tiny_llama
+    from peft import PeftModel
+    from rundirs import randomize_adapter
+
+    from lorafit.adapters import attach_from_settings, lora_layers
+    from lorafit.adapters.peft_io import save_adapter
+    from lorafit.config import AdapterConfig
+
+    vocab = len(tiny_tokenizer)
+    a = AdapterConfig(method=method, init=init, r=4, alpha=12, dropout=0.0, layers=[1],
+                      rank_pattern={"mlp\\.down_proj": 2, "q_proj": 6}, alpha_pattern={"q_proj": 3.0})
+    model = build_tiny_llama(vocab)
+    attach_from_settings(model, a.settings())
+    layers = lora_layers(model)
+    assert all(n.startswith("model.layers.1.") for n in layers) and len(layers) == 7
+    assert layers["model.layers.1.mlp.down_proj"].r == 2 and layers["model.layers.1.mlp.down_proj"].alpha == 12
+    assert layers["model.layers.1.self_attn.q_proj"].r == 6 and layers["model.layers.1.self_attn.q_proj"].alpha == 3
+    randomize_adapter(model, dora=method == "dora")
+    save_adapter(model, tmp_path / "a", base_model_name_or_path="tiny", r=a.r, alpha=a.alpha, dropout=0.0,
+                 targets=a.targets, dora=method == "dora", settings=a.settings())
+    ids = torch.randint(3, vocab, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model.eval()(ids).logits
+        theirs = PeftModel.from_pretrained(build_tiny_llama(vocab), tmp_path / "a").eval()(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_adapter_with_layers_to_transform_and_patterns_loads_exactly(tmp_path, tiny_tokenizer):
+    from conftest import build_tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    from lorafit.adapters import lora_layers
+    from lorafit.adapters.peft_io import load_adapter
+
+    vocab = len(tiny_tokenizer)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
+                        rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 5.0}, init_lora_weights=False)
+    peft_model = get_peft_model(build_tiny_llama(vocab), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = build_tiny_llama(vocab)
+    load_adapter(model, tmp_path / "peft")
+    layers = lora_layers(model)
+    assert sorted(layers) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+                              "model.layers.1.self_attn.v_proj"]
+    assert layers["model.layers.1.self_attn.v_proj"].r == 2 and layers["model.layers.1.mlp.down_proj"].scale == 5 / 4
+    ids = torch.randint(3, vocab, (2, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, peft_model(ids).logits, rtol=1e-5, atol=1e-5)
