@@ -164,3 +164,20 @@ def test_resume_reuses_the_saved_allocation_without_probing(tmp_path, learnable_
 
     for name, m in first["modules"].items():
         assert saved["rank_pattern"].get(exact_key(name), saved["r"]) == m["rank"] or m["rank"] == 0
+
+
+@pytest.mark.slow
+def test_two_processes_allocate_as_one_does(tmp_path, learnable_model_dir):
+    """Under DDP each process probes its share of the batches and the gradients are summed: the same scores, so
+    the same ranks, as one process probing the whole batches."""
+    from test_distributed import torchrun
+
+    args = ("adapter.allocate=gradient", "adapter.allocate_batches=2")
+    one = make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, max_steps=1)
+    two = make_config(tmp_path, learnable_model_dir, name="two", batch_size=2, max_steps=1)
+    assert train(one, *args) == 0
+    torchrun(two, *args)
+    a, b = (json.loads((tmp_path / n / "allocation.json").read_text())["modules"] for n in ("one", "two"))
+    assert [m["rank"] for m in a.values()] == [m["rank"] for m in b.values()]
+    for name in a:
+        assert b[name]["score"] == pytest.approx(a[name]["score"], rel=1e-4)
