@@ -116,7 +116,7 @@ def gradient_scores(model: nn.Module, names: list[str], batches: list[dict[str, 
     from lorafit.errors import DataError
     from lorafit.loss import chunked_causal_lm_loss
 
-    device = next(model.parameters()).device if accelerator is None else accelerator.device
+    device = next(model.parameters()).device
     tokens = _reduce(torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))],
                      device=device), accelerator)
     if tokens.item() == 0:
@@ -162,7 +162,7 @@ def _grad(layer) -> torch.Tensor:
 def _reduce(t: torch.Tensor, accelerator) -> torch.Tensor:
     if accelerator is None or accelerator.num_processes == 1:
         return t
-    return accelerator.reduce(t.float(), reduction="sum")
+    return accelerator.reduce(t.float().to(accelerator.device), reduction="sum").to(t.device)  # NCCL: on the GPU
 
 
 def candidate_shapes(model: nn.Module, settings: dict) -> dict[str, tuple[int, int]]:

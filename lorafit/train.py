@@ -127,7 +127,7 @@ def _continue_adapter(model, a) -> list[str]:
     return load_adapter(model, adapter_dir_of(a.from_), dropout=a.dropout, method=a.method).wrapped
 
 
-def _placement(cfg: Config, accelerator, train_rows, tokenizer, run_dir: Path, resume: bool, probed: list):
+def _placement(cfg: Config, accelerator, sharding, train_rows, tokenizer, run_dir: Path, resume: bool, probed: list):
     """adapter.allocate: gradient: a function of the prepared base that returns {module: [r, alpha]}, probed on
     data.train (`lorafit.probe`; under DDP every process probes its share and the gradients are summed, so all
     allocate alike; the result is appended to `probed`) or, with --resume, read back from the run's
@@ -139,9 +139,15 @@ def _placement(cfg: Config, accelerator, train_rows, tokenizer, run_dir: Path, r
     if resume:
         saved = probe.read_allocation(run_dir)
         return lambda model: saved
+    if sharding is not None:
+        raise LorafitError("adapter.allocate: gradient probes the whole model on every process, and FSDP shards it; "
+                           "run lorafit probe CONFIG on one device and put its ranks into adapter.rank_pattern / "
+                           "alpha_pattern, or train without FSDP")
 
     def measure(model):
         t = cfg.train
+        if cfg.model.quantization is None:
+            model.to(accelerator.device)  # where training will put it; a 4/8-bit base is loaded there already
         batches = probe.probe_batches(train_rows, cfg.adapter.allocate_batches, t.batch_size, t.seed,
                                       accelerator.process_index, accelerator.num_processes,
                                       pad_id=tokenizer.pad_token_id)
@@ -300,7 +306,7 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     tokenizer = vocab.run_tokenizer(cfg)
     train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
     probed: list = []  # adapter.allocate: the probe's result, saved once the run dir exists
-    placement = _placement(cfg, accelerator, train_rows, tokenizer, run_dir, resume, probed)
+    placement = _placement(cfg, accelerator, sharding, train_rows, tokenizer, run_dir, resume, probed)
     model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer, placement=placement,
                                           rows=() if getattr(train_rows, "streaming", False) else train_rows)
     _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
