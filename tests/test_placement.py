@@ -244,3 +244,9 @@ def test_peft_adapter_with_layers_to_transform_and_patterns_loads_exactly(tmp_pa
     ids = torch.randint(3, vocab, (2, 13), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, peft_model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_validate_under_allocate_names_the_probe_and_the_budget(tmp_path, tiny_model_dir, capsys):
+    assert _cli_validate(tmp_path, tiny_model_dir, "adapter.allocate=gradient", "adapter.allocate_batches=3") == 0
+    assert re.search(r"placement\s+gradient probe at train start: 3 batches of data.train, ranks 0-16 at the budget "
+                     r"of uniform r=4", capsys.readouterr().out)
