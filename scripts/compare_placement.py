@@ -4,6 +4,7 @@ gradient` and against attention-only and MLP-only LoRA at (about) the same budge
     .venv/bin/python scripts/compare_placement.py                          # both setups, 3 seeds, prints the tables
     .venv/bin/python scripts/compare_placement.py --write docs/methods.md  # and puts them into the doc
     .venv/bin/python scripts/compare_placement.py --setups quickstart --seeds 1 --small-steps 4   # a quick check
+    .venv/bin/python scripts/compare_placement.py --setups small --from-log run.log   # the table of an unfinished run
 
 Variants (every one keeps uniform r's scale alpha / r, so only the placement differs):
     uniform     adapter.targets all-linear at the setup's adapter.r: the budget
@@ -73,6 +74,11 @@ def run_variant(label: str, overrides: list[str], config: Path, lr: float, work:
         result["probe_s"] = float(found.group(1)) if found else None
         print(json.dumps({"seed": seed, **result}), flush=True)
         runs.append(result)
+    return summarise(label, runs, overrides)
+
+
+def summarise(label: str, runs: list[dict], overrides: list[str] = ()) -> dict:
+    """Mean and standard deviation over the seeds that finished."""
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return {"variant": label, "error": runs[0]["error"]}
@@ -101,6 +107,16 @@ def table(setup: str, results: list[dict], steps: str) -> str:
     return "\n".join(lines)
 
 
+def from_log(log: Path) -> list[dict]:
+    """The per-variant summaries of the runs a (possibly unfinished) run of this script printed to `log`."""
+    runs: dict[str, list[dict]] = {}
+    for line in log.read_text().splitlines():
+        if line.startswith('{"seed"'):
+            row = json.loads(line)
+            runs.setdefault(row["method"], []).append(row)
+    return [summarise(label, runs[label]) for label in VARIANTS if label in runs]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", default="quickstart,small", help="comma-separated: quickstart, small")
@@ -112,7 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generate", type=int, default=50, help="eval rows answered greedily for exact match")
     parser.add_argument("--work", type=Path, default=None, help="folder for runs (default: a temporary one)")
     parser.add_argument("--write", type=Path, default=None, help="put the tables into this markdown file")
+    parser.add_argument("--from-log", type=Path, default=None, metavar="LOG",
+                        help="print the table of the runs an unfinished run of this script logged, and stop")
     args = parser.parse_args(argv)
+    if args.from_log:
+        print(table(args.setups, from_log(args.from_log), "from its log"))
+        return
     variants = args.variants.split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")

@@ -43,3 +43,14 @@ def test_table_gives_mean_and_spread_over_seeds(script):
                "exact_match_sd": 0.1414, "runs": runs}
     text = script.table("quickstart", [summary, {"variant": "allocate", "error": "boom"}], "4 steps")
     assert "| mlp | 10 | 1.500 ± 0.707 | 0.60 ± 0.14 | 2 |" in text and "failed: boom" in text
+
+
+def test_an_unfinished_run_is_summarised_from_its_log(script, tmp_path):
+    log = tmp_path / "log"
+    log.write_text('[quickstart] uniform [] ...\n'
+                   '{"seed": 1, "method": "uniform", "trainable": 7, "loss": 1.0, "exact_match": 0.5, "probe_s": null}\n'
+                   '{"seed": 2, "method": "uniform", "trainable": 7, "loss": 3.0, "exact_match": 0.5, "probe_s": null}\n'
+                   '{"seed": 1, "method": "allocate", "trainable": 8, "loss": 2.0, "exact_match": 0.1, "probe_s": 2.0}\n')
+    uniform, allocate = script.from_log(log)
+    assert (uniform["variant"], uniform["seeds"], uniform["loss"]) == ("uniform", 2, 2.0)
+    assert (allocate["variant"], allocate["seeds"], allocate["probe_s"]) == ("allocate", 1, 2.0)
