@@ -131,6 +131,34 @@ def data(
 
 
 @app.command()
+def probe(
+    config: Path = ConfigArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    batches: Optional[int] = typer.Option(None, "--batches", min=1, show_default=False,
+                                          help="Batches of data.train to read (default adapter.allocate_batches)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write scores and ranks to this JSON file.",
+                                            show_default=False),
+    heatmap: Path = typer.Option(Path("probe-heatmap.png"), "--heatmap", help="Layer × projection heatmap PNG."),
+) -> None:
+    """Gradient probe of the frozen base on data.train: every candidate target's score and the rank
+    adapter.allocate: gradient would give it at the budget of uniform adapter.r.
+
+    Example:  lorafit probe configs/tiny-quickstart.yaml --batches 4 --json probe.json
+    """
+    import json
+
+    from lorafit.probe import print_probe, run_probe, write_heatmap
+
+    result = run_probe(_load(config, overrides), n_batches=batches)
+    console = _console()
+    print_probe(console, result)
+    console.print(f"heatmap: {write_heatmap(result, heatmap)}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        console.print(f"json: {json_out}")
+
+
+@app.command()
 def merge(
     sources: list[Path] = typer.Argument(..., help="Run or adapter directories (several: combined).",
                                          show_default=False, metavar="SOURCE..."),

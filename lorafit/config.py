@@ -107,6 +107,11 @@ class AdapterConfig(_Section):
     r: Int = Field(16, ge=1)
     alpha: Float = Field(32, gt=0)  # usually 2 × r
     dropout: Float = Field(0.05, ge=0, lt=1)
+    layers: list[Int] | None = None  # decoder layers that get adapters (PEFT layers_to_transform); null: all
+    rank_pattern: dict[str, Int] = {}  # {module-path regex: r}, PEFT's rule: matched at the end of the path
+    alpha_pattern: dict[str, Float] = {}  # {module-path regex: alpha}
+    allocate: Literal["none", "gradient"] = "none"  # gradient: a probe of data.train sets each target's rank
+    allocate_batches: Int = Field(8, ge=1)  # batches of data.train the gradient probe reads
     targets: str | list[str] = "all-linear"  # all-linear | [suffix, ...] | "re:<regex>"
     exclude: list[str] = []  # module-name suffixes never wrapped
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
@@ -632,6 +637,48 @@ def _token_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _placement_problems(cfg: Config) -> list[str]:
+    """adapter.layers / rank_pattern / alpha_pattern / allocate: shapes and the methods that cannot take them.
+    Whether a pattern matches a target needs the model: `lorafit.adapters.placement.place` checks that."""
+    a, problems = cfg.adapter, []
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in getattr(a, key).items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problems.append(f"adapter.{key}: {pattern!r} is not a valid regular expression ({e})")
+            if key == "rank_pattern" and value < 1:
+                problems.append(f"adapter.rank_pattern: {pattern!r}: {value} is below 1; leave a module out with "
+                                f"adapter.exclude, or let adapter.allocate: gradient drop it")
+            if key == "alpha_pattern" and value <= 0:
+                problems.append(f"adapter.alpha_pattern: {pattern!r}: alpha must be > 0 (got {value})")
+    if a.layers is not None:
+        if not a.layers or any(i < 0 for i in a.layers) or len(set(a.layers)) != len(a.layers):
+            problems.append(f"adapter.layers: {a.layers}: give distinct layer indices >= 0, e.g. [0, 1, 2] "
+                            f"(null: every layer)")
+    if a.allocate != "none" and a.method in ("vera", "adalora"):
+        why = "shares one rank across all layers" if a.method == "vera" else "allocates its ranks itself in training"
+        problems.append(f"adapter.allocate: method {a.method} {why}; use allocate: none, or method lora / dora / "
+                        f"lora_fa")
+    if a.method in ("vera", "adalora"):
+        for key in ("rank_pattern", "alpha_pattern"):
+            if getattr(a, key):
+                problems.append(f"adapter.{key}: method {a.method} has no per-module "
+                                f"{'rank' if key == 'rank_pattern' else 'alpha'}; remove it")
+    if a.allocate != "none" and a.from_ is not None:
+        problems.append("adapter.allocate: adapter.from continues an adapter with the ranks it has; remove allocate "
+                        "(or adapter.from to start a new adapter)")
+    if a.allocate != "none":
+        for key in ("rank_pattern", "alpha_pattern"):
+            if getattr(a, key):
+                problems.append(f"adapter.{key}: allocate: {a.allocate} sets every module's rank and alpha; remove "
+                                f"{key} or set allocate: none")
+        if cfg.data.streaming:
+            problems.append("adapter.allocate: the gradient probe reads data.train before training, which a stream "
+                            "cannot rewind; use allocate: none with data.streaming")
+    return problems
+
+
 def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[str], list[str]]:
     """Checks that span keys. Returns (problems, warnings) as 'dotted.key: message' lines."""
     problems: list[str] = []
@@ -668,6 +715,7 @@ def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[st
         warnings.append("adapter.method: DoRA on an 8-bit base dequantizes the weight every step (slow)")
     problems += _data_problems(cfg)
     problems += _adapter_problems(cfg)
+    problems += _placement_problems(cfg)
     if cfg.data.chat_template is not None and not any(s.format == "chat" for s in cfg.data.train + cfg.data.eval):
         warnings.append("data.chat_template: set, but no data source has format: chat")
     if cfg.data.prompt_template is not None and not any(s.format == "alpaca" for s in cfg.data.train + cfg.data.eval):

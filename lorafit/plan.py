@@ -45,6 +45,7 @@ class ModelShape:
     expert_targets: list[str] = field(default_factory=list)  # the adapted ones, among `targets`
     expert_adapter_params: int = 0  # trainable parameters the adapter adds to them
     experts: int = 0  # experts per fused weight
+    ranks: dict[str, int] = field(default_factory=dict)  # each target's rank (adapter.layers / rank_pattern)
 
 
 @dataclass
@@ -119,15 +120,16 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
     a = cfg.adapter
-    targets = find_targets(model, a.targets, a.exclude)
-    modules = dict(model.named_modules())
     settings = a.settings()
+    placed = _placement(find_targets(model, a.targets, a.exclude), settings)
+    targets = list(placed)
+    modules = dict(model.named_modules())
     experts = {path: expert_shape(m, name) for path, m, name in expert_parameters(model)}  # (E, in, out)
     expert_targets = [n for n in targets if n in experts]
     if expert_targets:
         check_expert_method(a.method, where=f" ({len(expert_targets)} fused weights, e.g. {expert_targets[0]})")
-    expert_adapter = sum(expert_param_count(*experts[n], a.r) for n in expert_targets)
-    adapter_params = expert_adapter + sum(method_param_count(*linear_features(modules[n]), settings)
+    expert_adapter = sum(expert_param_count(*experts[n], placed[n].get("r", a.r)) for n in expert_targets)
+    adapter_params = expert_adapter + sum(method_param_count(*linear_features(modules[n]), {**settings, **placed[n]})
                                           for n in targets if n not in experts)
     adapter_params += _vocab_params(cfg, model)
     head = model.get_output_embeddings()
@@ -152,7 +154,18 @@ def _model_shape(cfg: Config, hf_config: Any, source: str) -> ModelShape:
         expert_targets=expert_targets,
         expert_adapter_params=expert_adapter,
         experts=next(iter(experts.values()))[0] if experts else 0,
+        ranks={n: placed[n].get("r", a.r) for n in targets},
     )
+
+
+def _placement(candidates: list[str], settings: dict) -> dict[str, dict]:
+    """The targets the plan counts, with their own r / alpha (`adapters.placement.place`). Under allocate:
+    gradient the ranks are not known before the probe: the plan counts uniform r, which is the budget."""
+    from lorafit.adapters.placement import filter_layers, place
+
+    if settings["allocate"] != "none":
+        return {n: {} for n in filter_layers(candidates, settings["layers"])}
+    return place(candidates, settings)
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -372,6 +385,7 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
                            f"({100 * m.adapter_params / max(m.total_params, 1):.3f}%)"),
         ]
         rows += _expert_rows(cfg, m)
+        rows += _placement_rows(cfg, m)
     for label, counts in (("train data", plan.train_data), ("eval data", plan.eval_data)):
         for d in counts:
             rows.append((label, f"{d.path} ({d.format}): {d.rows if d.rows is not None else '?'} rows {d.note}"))
@@ -396,6 +410,22 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.memory.items())
         rows.append(("memory (est.)", f"{sum(plan.memory.values()) / GiB:.2f} GiB per device = {parts} GiB"))
     rows.append(("output", cfg.output.dir))
+    return rows
+
+
+def _placement_rows(cfg: Config, m: ModelShape) -> list[tuple[str, str]]:
+    """Per-module ranks, compactly (one line per projection and rank, with layer ranges), when they differ by
+    module; under allocate: gradient, what the probe will do."""
+    from lorafit.adapters.placement import compact_ranks
+
+    a = cfg.adapter
+    rows = []
+    if a.allocate != "none":
+        rows.append(("placement", f"{a.allocate} probe at train start: {a.allocate_batches} batches of data.train, "
+                                  f"ranks 0-{4 * a.r} at the budget of uniform r={a.r} ({_num(m.adapter_params)}); "
+                                  f"see them with lorafit probe CONFIG"))
+    elif a.layers is not None or a.rank_pattern or a.alpha_pattern:
+        rows += [("ranks" if i == 0 else "", line) for i, line in enumerate(compact_ranks(m.ranks))]
     return rows
 
 

@@ -83,7 +83,9 @@ def _only_a_failed_start(run_dir: Path) -> bool:
     if not files:
         return True
     config_file = run_dir / "config.yaml"
-    return files == [config_file] and config_file.read_text().startswith(CONFIG_HEADER)
+    probed = {run_dir / "allocation.json", run_dir / "placement.png"}  # adapter.allocate's, written before training
+    rest = [f for f in files if f not in probed]
+    return rest == [config_file] and config_file.read_text().startswith(CONFIG_HEADER)
 
 
 # Keys a resumed run may change: how it reports and saves, and the two knobs one turns after a diverged run.

@@ -65,9 +65,11 @@ def _check_trackers(trackers: list[str]) -> None:
                            f"pip install {' '.join(packages[t] for t in missing)} (or remove it from train.trackers)")
 
 
-def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, tokenizer, rows=()):
+def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, tokenizer, rows=(), placement=None):
     """Base model and LoRA layers (plus token rows and modules_to_save, `lorafit.vocab`); under FSDP, the model
     sharded across processes. `rows`: the training rows, scanned for the special tokens the data uses.
+    `placement(model)`: the per-module ranks ({module: [r, alpha]}, `_placement`) measured on the prepared base, or
+    None for the config's.
 
     Returns:
         (model, wrapped module names, parameter report taken before sharding).
@@ -85,9 +87,13 @@ def _build_model(cfg: Config, accelerator, sharding: parallel.Sharding | None, t
     if cfg.model.quantization is not None and a.init in ("pissa", "olora", "loftq"):
         _keep_original_weights(cfg, model, tokenizer)  # these inits need W itself, not only its quantization
     # The same seed on every process: each one starts from the same adapter (FSDP shards each process's own copy)
+    settings = a.settings()
+    allocated = placement(model) if placement is not None else None
+    if allocated is not None:
+        settings["allocation"] = allocated
     torch.manual_seed(cfg.train.seed)
     plan = _token_plan(cfg, model, tokenizer, rows, sharding, accelerator)
-    wrapped = attach_from_settings(model, a.settings()) if a.from_ is None else _continue_adapter(model, a)
+    wrapped = attach_from_settings(model, settings) if a.from_ is None else _continue_adapter(model, a)
     vocab.attach_vocab_trainables(cfg, model, plan)
     counts = param_report(model)
     note = experts_header_note(cfg, model) if accelerator.is_main_process else None
@@ -119,6 +125,39 @@ def _continue_adapter(model, a) -> list[str]:
     from lorafit.adapters.peft_io import adapter_dir_of, load_adapter
 
     return load_adapter(model, adapter_dir_of(a.from_), dropout=a.dropout, method=a.method).wrapped
+
+
+def _placement(cfg: Config, accelerator, sharding, train_rows, tokenizer, run_dir: Path, resume: bool, probed: list):
+    """adapter.allocate: gradient: a function of the prepared base that returns {module: [r, alpha]}, probed on
+    data.train (`lorafit.probe`; under DDP every process probes its share and the gradients are summed, so all
+    allocate alike; the result is appended to `probed`) or, with --resume, read back from the run's
+    allocation.json, never probed again. None when allocate is none."""
+    if cfg.adapter.allocate == "none":
+        return None
+    from lorafit import probe
+
+    if resume:
+        saved = probe.read_allocation(run_dir)
+        return lambda model: saved
+    if sharding is not None:
+        raise LorafitError("adapter.allocate: gradient probes the whole model on every process, and FSDP shards it; "
+                           "run lorafit probe CONFIG on one device and put its ranks into adapter.rank_pattern / "
+                           "alpha_pattern, or train without FSDP")
+
+    def measure(model):
+        t = cfg.train
+        if cfg.model.quantization is None:
+            model.to(accelerator.device)  # where training will put it; a 4/8-bit base is loaded there already
+        batches = probe.probe_batches(train_rows, cfg.adapter.allocate_batches, t.batch_size, t.seed,
+                                      accelerator.process_index, accelerator.num_processes,
+                                      pad_id=tokenizer.pad_token_id)
+        result = probe.allocate(model, cfg.adapter.settings(), batches, seed=t.seed, accelerator=accelerator)
+        if accelerator.is_main_process:
+            print(f"placement: {probe.summary(result)}", flush=True)
+        probed.append(result)
+        return result.as_allocation()
+
+    return measure
 
 
 def _keep_original_weights(cfg: Config, model, tokenizer) -> None:
@@ -266,7 +305,9 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     # Data, model and targets are checked before output.dir is created: a refused start leaves nothing behind.
     tokenizer = vocab.run_tokenizer(cfg)
     train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer,
+    probed: list = []  # adapter.allocate: the probe's result, saved once the run dir exists
+    placement = _placement(cfg, accelerator, sharding, train_rows, tokenizer, run_dir, resume, probed)
+    model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer, placement=placement,
                                           rows=() if getattr(train_rows, "streaming", False) else train_rows)
     _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
     streaming = getattr(train_rows, "streaming", False)  # data.streaming: rows made on the fly; max_steps is set
@@ -278,6 +319,10 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
                                 method_state=hooks.state_bytes(counts.trainable))
     _on_main_then_all(accelerator, runstate.prepare_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path,
                       disk=disk)
+    if probed and accelerator.is_main_process:
+        from lorafit.probe import write_allocation
+
+        write_allocation(run_dir, probed[0])
     optimizer = _build_optimizer(cfg, model)  # after sharding: FSDP's parameters are the ones to optimize
     scheduler = _lr_scheduler(cfg, optimizer, total_steps)
     if sharding is None:

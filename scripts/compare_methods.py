@@ -75,9 +75,10 @@ def setup_config(setup: str, work: Path, steps: int) -> tuple[Path, float]:
     return path, float(config["train"]["lr"])
 
 
-def measure(label: str, config: Path, lr: float, out: Path, generate: int) -> dict:
-    """Train one method and evaluate it; a failed run is reported with its last error line, not raised."""
-    overrides = [f"train.lr={10 * lr:g}" if o == "LR×10" else o for o in RUNS[label]]
+def measure(label: str, config: Path, lr: float, out: Path, generate: int, overrides: list[str] | None = None) -> dict:
+    """Train one method (`RUNS[label]`, or `overrides` when given) and evaluate it; a failed run is reported with its
+    last error line, not raised."""
+    overrides = [f"train.lr={10 * lr:g}" if o == "LR×10" else o for o in (RUNS[label] if overrides is None else overrides)]
     started = time.perf_counter()
     trained = lorafit("train", str(config), *overrides, f"output.dir={out}")
     if trained.returncode != 0:
@@ -104,6 +105,7 @@ def measure(label: str, config: Path, lr: float, out: Path, generate: int) -> di
         "base_loss": result["base"]["loss"],
         "loss": adapter["loss"],
         "exact_match": generation.get("exact_match"),
+        "stdout": trained.stdout,
     }
 
 
@@ -131,12 +133,12 @@ def machine() -> str:
     return f"{device}, torch {torch.__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
 
 
-def write_doc(path: Path, text: str) -> None:
+def write_doc(path: Path, text: str, start: str = TABLE_START, end: str = TABLE_END) -> None:
     doc = path.read_text()
-    if TABLE_START not in doc or TABLE_END not in doc:
-        raise SystemExit(f"{path}: has no {TABLE_START} ... {TABLE_END} markers to put the tables between")
-    head, rest = doc.split(TABLE_START, 1)
-    path.write_text(head + TABLE_START + "\n" + text + "\n" + TABLE_END + rest.split(TABLE_END, 1)[1])
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path}: has no {start} ... {end} markers to put the tables between")
+    head, rest = doc.split(start, 1)
+    path.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         for label in methods:
             print(f"[{setup}] {label} ...", flush=True)
             results.append(measure(label, config, lr, work / setup / label, args.generate))
+            results[-1].pop("stdout", None)
             print(json.dumps(results[-1]), flush=True)
         sections.append(table(setup, results))
         (work / f"{setup}.json").write_text(json.dumps(results, indent=1))

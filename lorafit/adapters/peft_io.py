@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafit.adapters.placement import pattern_value
 from lorafit.atomic import write_dir_atomically
 from lorafit.errors import LorafitError, RunDirError
 
@@ -116,11 +117,11 @@ def save_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | N
                           base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
                           rslora=rslora, dora=dora, fan_in_fan_out=conv1d, experts=experts,
                           all_experts=_all_experts(model) if experts else [])
-    config.update(_patterns({n: layers[n] for n in linear}, r, alpha))
     if settings is not None:
         layer_class = METHODS[settings["method"]].layer
         config.update(layer_class.peft_config(layers, settings))
         config = {k: v for k, v in config.items() if k not in layer_class.peft_config_drop}
+    config.update(_saved_patterns(layers, config, r, alpha))
     found = lora_state_dict(model, export=True) if weights is None else adapter_tensors(weights)
     extra, extra_config = _extra_trainables(model, list(modules_to_save))
     config.update(extra_config)
@@ -154,14 +155,19 @@ def _extra_trainables(model, modules_to_save: list[str]) -> tuple[dict[str, Any]
     return tensors, {k: v for k, v in config.items() if v is not None}  # other methods' formats lack the keys
 
 
-def _patterns(layers: dict, r: int, alpha: float) -> dict[str, dict[str, Any]]:
-    """rank_pattern / alpha_pattern for the LoRA layers whose rank or alpha is not the adapter's r / alpha (a
-    continued adapter's per-layer ranks): keys are the exact module names, escaped, as PEFT matches them."""
-    from lorafit.adapters.lora import LoraLinear
+def _saved_patterns(layers: dict, config: dict, r: int, alpha: float) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern for the layers whose rank or alpha differ from the adapter-wide ones (adapter.layers,
+    rank_pattern, allocate), with exact keys (`placement.saved_patterns`). A saved form that rescales r and alpha
+    (PiSSA's rank-2r conversion) rescales every layer alike. Other peft_types keep their own patterns."""
+    from lorafit.adapters.experts import ExpertLora, expert_target_name
+    from lorafit.adapters.placement import saved_patterns
 
-    plain = {n: layer for n, layer in layers.items() if isinstance(layer, LoraLinear)}
-    ranks = {re.escape(n): layer.r for n, layer in plain.items() if layer.r != r}
-    alphas = {re.escape(n): layer.alpha for n, layer in plain.items() if layer.alpha != alpha}
+    if config.get("peft_type") != "LORA" or config.get("rank_pattern"):
+        return {}
+    k_r, k_alpha = config["r"] / r, config["lora_alpha"] / alpha
+    own = {(expert_target_name(n, layer) if isinstance(layer, ExpertLora) else n):
+           (round(layer.r * k_r), layer.alpha * k_alpha) for n, layer in layers.items()}
+    ranks, alphas = saved_patterns(own, config["r"], config["lora_alpha"])
     return {"rank_pattern": ranks, "alpha_pattern": alphas}
 
 
@@ -248,14 +254,6 @@ def _read_tensors(adapter_dir: Path) -> dict:
     raise RunDirError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank/alpha_pattern lookup: the first key that matches the end of the module name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def _group_by_module(tensors: dict) -> dict[str, dict[str, Any]]:
     """{module name: {"lora_A.weight": t, "lora_B.weight": t, ...}} from PEFT-named tensors."""
     from lorafit.adapters import group_by_module
@@ -324,7 +322,7 @@ def load_adapter(model, adapter_dir: str | Path, *, dropout: float | None = None
         if "lora_A.weight" not in parts:
             raise RunDirError(f"{adapter_dir}: no lora_A tensor for {name}")
         r = int(parts["lora_A.weight"].shape[0])  # (r, in): rank_pattern needs no lookup
-        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
+        alpha = float(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
         dora = "lora_magnitude_vector" in parts
         kind = "dora" if dora else "lora_fa" if method == "lora_fa" else "lora"
         wrap_module(model, name, method=kind, r=r, alpha=alpha, dropout=drop, rslora=rslora)
@@ -487,7 +485,7 @@ def _wrap_experts(model, adapter_dir: Path, config: dict, grouped: dict, rslora:
         if lora_a is None:
             raise RunDirError(f"{adapter_dir}: no lora_A tensor for {names[path]} ({path})")
         r = int(lora_a.shape[0]) // experts  # (r·E, in)
-        alpha = float(_pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"]))
+        alpha = float(pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"]))
         wrap_module(model, path, r=r, alpha=alpha, rslora=rslora)
     return set(names.values())
 

@@ -6,13 +6,15 @@ Which layer class a method uses comes from `registry.METHODS`; everything here w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from lorafit.adapters.base import PEFT_PREFIX, AdapterLayer, logical_numel
+from lorafit.adapters.placement import place
 from lorafit.adapters.registry import METHODS, tensor_kinds
 from lorafit.adapters.targets import bare_name, bare_named_modules, find_targets, is_expert_target, is_linear, module_kinds
 from lorafit.errors import LorafitError
@@ -24,13 +26,16 @@ def lora_layers(model: nn.Module) -> dict[str, AdapterLayer]:
 
 
 def attach_adapter(model: nn.Module, targets: str | list[str], exclude: Iterable[str] = (), *,
-                   method: str = "lora", **layer_args) -> list[str]:
+                   method: str = "lora", placement: Callable[[list[str]], dict[str, dict]] | None = None,
+                   **layer_args) -> list[str]:
     """Freeze the whole model and wrap the target linear layers in `method`'s layer class.
 
     Args:
         model: the base model (full precision or bitsandbytes-quantized).
         targets, exclude: see `targets.find_targets`.
         method: a key of `registry.METHODS`.
+        placement: candidates -> {kept module: its own layer arguments (r, alpha)} (`placement.place`);
+            default: every candidate, with `layer_args`.
         layer_args: the layer class's keyword arguments (r, alpha, dropout, ...).
 
     Returns:
@@ -39,11 +44,12 @@ def attach_adapter(model: nn.Module, targets: str | list[str], exclude: Iterable
     if lora_layers(model):
         raise LorafitError("the model already has adapter layers; call unwrap_lora(model) before attaching new ones")
     names = find_targets(model, targets, exclude, wrapper_type=AdapterLayer)
+    chosen = placement(names) if placement is not None else {n: {} for n in names}
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in names:
-        wrap_module(model, name, method=method, **layer_args)
-    return names
+    for name, own in chosen.items():
+        wrap_module(model, name, method=method, **{**layer_args, **own})
+    return list(chosen)
 
 
 def attach_lora(model: nn.Module, targets: str | list[str], exclude: Iterable[str] = (), *, r: int, alpha: float,
@@ -63,7 +69,7 @@ def attach_from_settings(model: nn.Module, settings: dict, dtype: torch.dtype = 
     spec = METHODS[settings["method"]]
     args = spec.layer.layer_args(settings)
     names = attach_adapter(model, settings["targets"], settings.get("exclude", ()), method=settings["method"],
-                           dtype=dtype, **args)
+                           placement=partial(place, settings=settings), dtype=dtype, **args)
     spec.layer.prepare_model(model, lora_layers(model), settings)
     return names
 
