@@ -12,7 +12,7 @@
 The request's "model" picks the adapter (the base's id: no adapter); with the base's id a body may carry LoRAX's
 "merged_adapters": {"ids": [...], "weights": [...], "merge_strategy": "linear"}: base + Σ wᵢ·ΔWᵢ, decoded in the same
 batch as everything else (OpenAI clients send it with extra_body). stream, temperature, top_p, max_tokens, stop, seed
-and usage behave as OpenAI documents them.
+and usage behave as OpenAI documents them; vLLM's "ignore_eos" too.
 
 Scheduling is the engine's (`lorafit.inference.engine`): requests join the running batch at the next step and leave
 when they end. `--max-loras` bounds the adapters in the model (and in one step); `--max-queue` the requests waiting
@@ -248,6 +248,8 @@ def build_job(service: Service, body: dict, chat: bool) -> Job:
         stop_ids = sorted(end_token_ids(tokenizer, template, chat=True))
     else:
         stop_ids = service.completion_stops
+    if body.get("ignore_eos"):  # vLLM's extension (benchmarks): only max_tokens or a stop string ends the answer
+        stop_ids = []
     room = service.context - len(prompt)
     limit = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens")
     key = "max_tokens" if not chat or "max_completion_tokens" not in body else "max_completion_tokens"
@@ -386,6 +388,8 @@ class Metrics:
             lambda: service.engine.running)
         Gauge("lorafit_requests_waiting", "Requests waiting for a slot.", registry=registry).set_function(
             lambda: len(service.engine.waiting))
+        Gauge("lorafit_engine_steps", "Engine iterations since start.", registry=registry).set_function(
+            lambda: service.engine.steps)
         self.prompt_tokens = Counter("lorafit_prompt_tokens", "Prompt tokens read.", registry=registry)
         self.generation_tokens = Counter("lorafit_generation_tokens", "Tokens generated.", registry=registry)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -415,6 +419,39 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _Edge:
+    """ASGI middleware: the API key (compared in constant time; /health needs none), requests counted by status, and
+    one access-log line per request on stderr. Plain ASGI, so endpoints still see the client disconnect."""
+
+    def __init__(self, app, expected: bytes | None, metrics: Metrics):
+        self.app, self.expected, self.metrics = app, expected, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        start, status = time.monotonic(), [0]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if (self.expected is not None and scope["path"] != "/health"
+                and not hmac.compare_digest(given, self.expected)):
+            error = ApiError(401, "Incorrect API key provided (send Authorization: Bearer KEY).", "AuthenticationError")
+            await JSONResponse(error.body(), status_code=401)(scope, receive, send_status)
+        else:
+            await self.app(scope, receive, send_status)
+        if scope["path"].startswith("/v1/"):
+            self.metrics.requests.labels(str(status[0])).inc()
+        client = scope["client"][0] if scope.get("client") else "-"
+        print(f'{client} "{scope["method"]} {scope["path"]}" {status[0]} {time.monotonic() - start:.3f}s',
+              file=sys.stderr, flush=True)  # the access log: one line a request
+
+
 def create_app(service: Service, api_key: str | None = None):
     """The FastAPI application around `service`."""
     from fastapi import FastAPI
@@ -436,22 +473,7 @@ def create_app(service: Service, api_key: str | None = None):
         kind = "NotFoundError" if e.status_code == 404 else "BadRequestError"
         return JSONResponse(ApiError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code)
 
-    @app.middleware("http")
-    async def _auth_and_log(request: HttpRequest, call_next):
-        start = time.monotonic()
-        given = request.headers.get("authorization", "").encode()
-        if expected is not None and request.url.path != "/health" and not hmac.compare_digest(given, expected):
-            error = ApiError(401, "Incorrect API key provided (send Authorization: Bearer KEY).",
-                             "AuthenticationError")
-            response = JSONResponse(error.body(), status_code=401)
-        else:
-            response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(str(response.status_code)).inc()
-        client = request.client.host if request.client else "-"
-        print(f'{client} "{request.method} {request.url.path}" {response.status_code} '
-              f"{time.monotonic() - start:.3f}s", file=sys.stderr, flush=True)  # the access log: one line a request
-        return response
+    app.add_middleware(_Edge, expected=expected, metrics=metrics)
 
     async def body_of(request: HttpRequest) -> dict:
         try:

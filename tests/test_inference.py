@@ -10,7 +10,7 @@ import torch
 from rundirs import base_model, make_run, run_cli, with_adapter
 
 from lorafit.adapters.multi import AdapterBank
-from lorafit.checkpoint import load_adapter
+from lorafit.adapters.peft_io import load_adapter
 from lorafit.evaluate import add_adapter
 from lorafit.inference.engine import Cancelled, Engine, Request
 from lorafit.inference.sampling import Sampling
