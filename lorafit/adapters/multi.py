@@ -72,7 +72,7 @@ class Selection:
                     mix[i, column[name]] = weight
         self.whole, self.batch = None, len(rows)
         self.groups = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in groups.items()}
-        self.mix = mix.to(device)
+        self.mix = mix.to(device) if bool(mix.any()) else None  # None: no row uses a stacked adapter this step
 
     def save(self) -> tuple:
         return self.whole, self.groups, self.batch, self.mix
@@ -121,6 +121,7 @@ class MultiAdapterLinear(nn.Module):
         (x,) = args
         result = self.base_layer(x)  # (B, T, out)
         if self.a_cat is not None and sel.mix is not None and sel.mix.shape[1] == len(self.spread):
+            # one product for every row and resident adapter: (B, T, in) -> (B, T, R) -> masked -> (B, T, out)
             if sel.mix.shape[0] != x.shape[0]:
                 raise LorafitError(f"per-row adapters: a layer got {x.shape[:-1].numel()} tokens in {x.shape[0]} "
                                    f"rows, not the batch of {sel.mix.shape[0]} the adapters were chosen for")
