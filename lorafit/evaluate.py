@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lorafit.errors import DataError, RunDirError
+from lorafit.inference.load import add_adapter, load_bank  # noqa: F401 - add_adapter: callers reach it here too
 
 
 @torch.no_grad()
@@ -146,67 +147,6 @@ def _load_bank(config, adapters: dict[str, Path]):
     src = Source(first, "run", first, config, config.model)
     model, bank = load_bank(src, adapters)
     return model, load_source_tokenizer(src), src, bank
-
-
-def load_bank(src, adapters: dict[str, Path]):
-    """`src`'s base model (as trained: quantized for QLoRA; on the GPU when there is one and it is not quantized),
-    loaded once, and an `AdapterBank` holding each named adapter folder on it.
-
-    Raises:
-        RunDirError: an adapter folder that is missing or holds no adapter, or one trained on another base.
-    """
-    from lorafit.adapters.multi import AdapterBank
-    from lorafit.merge import check_same_base
-    from lorafit.model import load_model
-    from lorafit.sources import resolve_source, warn_residual_base
-
-    resolved = {name: resolve_source(Path(d)) for name, d in adapters.items()}
-    for other in (src, *resolved.values()):
-        warn_residual_base(other)
-    for name, other in resolved.items():
-        try:
-            check_same_base([src, other])
-        except RunDirError as e:
-            raise RunDirError(f"--adapter {name}={adapters[name]}: {e}") from None
-    model = load_model(src.model)
-    if torch.cuda.is_available() and src.quantization is None:
-        model.to("cuda")
-    model.eval()
-    bank = AdapterBank(model)
-    for name, other in resolved.items():
-        add_adapter(bank, name, other.adapter_dir)
-    return model, bank
-
-
-def add_adapter(bank, name: str, adapter_dir: Path) -> None:
-    """Load the adapter folder onto the bank's base model and hold it under `name`."""
-    from lorafit.adapters.multi import take_adapter_layers
-    from lorafit.adapters.peft_io import load_adapter
-
-    if name in bank.names:
-        raise RunDirError(f"adapter name {name!r} is already loaded; give each adapter its own name")
-    _check_alone(bank, name, adapter_dir)
-    with bank.detached() as model:
-        load_adapter(model, adapter_dir, dropout=0.0)
-        layers = take_adapter_layers(model)
-    bank.add(name, layers)
-
-
-def _check_alone(bank, name: str, adapter_dir: Path) -> None:
-    """An adapter with token rows or modules_to_save changes the base itself (its embedding / head), so it can
-    only be held alone; refuse it beside others (merge it instead)."""
-    from lorafit.adapters.peft_io import read_adapter_config
-
-    config = read_adapter_config(adapter_dir)
-    if config.get("trainable_token_indices") or config.get("modules_to_save"):
-        if bank.names:
-            raise RunDirError(f"--adapter {name}={adapter_dir}: it trains token rows or modules_to_save, which change "
-                              f"the base's embedding / head, so it cannot share a base with other adapters; serve it "
-                              f"alone, or merge it (lorafit merge) and serve the merged model")
-        bank.alone = name
-    elif getattr(bank, "alone", None):
-        raise RunDirError(f"--adapter {name}={adapter_dir}: {bank.alone} trains token rows or modules_to_save and is "
-                          f"held alone; serve the others on their own, or merge {bank.alone} first")
 
 
 def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: Path | None = None,

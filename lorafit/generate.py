@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from lorafit.errors import LorafitError
 from lorafit.inference.engine import decode
+from lorafit.inference.load import as_base, load_inference_model, open_bank
 from lorafit.inference.sampling import Completion, Sampling, check_sampling, pick_token
-from lorafit.sources import Source, is_chat_run, load_inference_model, load_source_tokenizer, resolve_source, stop_token_ids
+from lorafit.sources import Source, is_chat_run, load_source_tokenizer, resolve_source, stop_token_ids
 
 
 def prompt_ids(tokenizer, source: Source, prompt: str) -> list[int]:
@@ -97,8 +96,8 @@ def generate_command(source: Path, prompt: str, max_new_tokens: int = 128, tempe
     return completion[0].text
 
 
-__all__ = ["Completion", "Sampling", "check_sampling", "decode", "generate_command", "parse_named", "pick_token",
-           "prompt_ids"]
+__all__ = ["Completion", "Sampling", "as_base", "check_sampling", "decode", "generate_command", "open_bank",
+           "parse_named", "pick_token", "prompt_ids"]
 
 
 def _generate_several(src: Source, tokenizer, ids: list[int], stop: list[int], sampling: Sampling,
@@ -112,31 +111,3 @@ def _generate_several(src: Source, tokenizer, ids: list[int], stop: list[int], s
         print(f"── {name} ──\n{completion.text}", flush=True)
         replies[name] = completion.text
     return replies
-
-
-def open_bank(src: Source, adapters: dict[str, Path]):
-    """The base of `src` loaded once, with the source's own adapter (named after its folder) and each named one.
-
-    Returns:
-        (model, AdapterBank, {name: folder} in the order loaded).
-
-    Raises:
-        LorafitError: a NAME equal to the source's own adapter's name. RunDirError: an adapter of another base.
-    """
-    from lorafit.evaluate import load_bank
-
-    named = dict(adapters)
-    if src.adapter_dir is not None:
-        own = src.path.name
-        if own in named:
-            raise LorafitError(f"--adapter {own}=...: {own!r} names the source's own adapter ({src.path}); choose "
-                               f"another name")
-        named = {own: src.path, **named}
-    model, bank = load_bank(src if src.adapter_dir is not None else _as_base(src), named)
-    return model, bank, named
-
-
-def _as_base(src: Source) -> Source:
-    """A model folder as the base the named adapters go on (float32 on the CPU, bfloat16 on a GPU)."""
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    return Source(src.path, src.kind, None, src.config, src.model.model_copy(update={"dtype": dtype}))

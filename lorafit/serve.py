@@ -76,8 +76,8 @@ class Service:
     def __init__(self, source: Path, adapters: dict[str, Path], max_batch: int = 32, batch_wait: float = 0.01,
                  max_loras: int | None = None, max_queue: int | None = None, adapter_root: Path | None = None,
                  prefill_chunk: int = 256):
-        from lorafit.generate import open_bank
         from lorafit.inference.engine import Engine
+        from lorafit.inference.load import open_bank
         from lorafit.sources import load_source_tokenizer, resolve_source, stop_token_ids
 
         self.src = resolve_source(Path(source), allow_model=True)
@@ -143,7 +143,7 @@ class Service:
     def load(self, name: Any, path: Any) -> None:
         """Add an adapter at run time. Raises ApiError 400: bad name or path, an adapter of another base; 403: a path
         outside --adapter-root."""
-        from lorafit.evaluate import add_adapter
+        from lorafit.inference.load import add_adapter
         from lorafit.merge import check_same_base
         from lorafit.sources import resolve_source
 
@@ -162,9 +162,9 @@ class Service:
         self._remember(name, src)
 
     def _base_source(self):
-        from lorafit.generate import _as_base
+        from lorafit.inference.load import as_base
 
-        return _as_base(self.src)
+        return as_base(self.src)
 
     def unload(self, name: Any) -> None:
         if not isinstance(name, str) or name not in self.bank.names:
@@ -251,8 +251,8 @@ def build_job(service: Service, body: dict, chat: bool) -> Job:
     if body.get("ignore_eos"):  # vLLM's extension (benchmarks): only max_tokens or a stop string ends the answer
         stop_ids = []
     room = service.context - len(prompt)
-    limit = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens")
-    key = "max_tokens" if not chat or "max_completion_tokens" not in body else "max_completion_tokens"
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))  # the newer name, which load tools send too
+    key = "max_tokens" if "max_completion_tokens" not in body else "max_completion_tokens"
     default = max(room, 1) if chat else DEFAULT_MAX_TOKENS
     max_tokens = _number({key: limit}, key, default, int, low=1)
     if len(prompt) + max_tokens > service.context:

@@ -11,8 +11,8 @@ from rundirs import base_model, make_run, run_cli, with_adapter
 
 from lorafit.adapters.multi import AdapterBank
 from lorafit.adapters.peft_io import load_adapter
-from lorafit.evaluate import add_adapter
 from lorafit.inference.engine import Cancelled, Engine, Request
+from lorafit.inference.load import add_adapter
 from lorafit.inference.sampling import Sampling
 
 PROMPTS = ["Reverse the word: stone", "def add(a, b):", "hello, how are you? " * 6, "Count to five:"]
