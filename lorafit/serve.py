@@ -635,7 +635,8 @@ def check_exposure(host: str, api_key: str | None, runtime_loading: bool) -> Non
 def serve_command(source: Path, adapters: dict[str, Path], host: str = "127.0.0.1", port: int = 8000,
                   api_key: str | None = None, max_batch: int = 32, batch_wait: float = 0.01,
                   max_loras: int | None = None, max_queue: int | None = None, adapter_root: Path | None = None,
-                  runtime_loading: bool = True, prefill_chunk: int = 256, console=None) -> None:
+                  runtime_loading: bool = True, prefill_chunk: int = 256, threads: int | None = None,
+                  console=None) -> None:
     """`lorafit serve`: bind, load the base once with every adapter, and answer until interrupted.
 
     Raises:
@@ -658,6 +659,10 @@ def serve_command(source: Path, adapters: dict[str, Path], host: str = "127.0.0.
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise LorafitError(f"--adapter-root {adapter_root}: not a directory")
     sock = bind(host, port)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     service = Service(source, adapters, max_batch=max_batch, batch_wait=batch_wait, max_loras=max_loras,
                       max_queue=max_queue, adapter_root=adapter_root, prefill_chunk=prefill_chunk)
     app = create_app(service, api_key)

@@ -118,9 +118,10 @@ def wait_ready(port: int, proc, timeout: float) -> None:
     raise SystemExit("the server did not start")
 
 
-def start_lorafit(base: Path, adapters: list[Path], port: int, tree: Path, log) -> subprocess.Popen:
+def start_lorafit(base: Path, adapters: list[Path], port: int, tree: Path, log, threads: int | None = None):
     cmd = [sys.executable, "-m", "lorafit", "serve", str(base), "--port", str(port), "--batch-wait-ms", "10",
-           *[a for i, folder in enumerate(adapters) for a in ("--adapter", f"a{i}={folder}")]]
+           *[a for i, folder in enumerate(adapters) for a in ("--adapter", f"a{i}={folder}")],
+           *(["--threads", str(threads)] if threads else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
     return subprocess.Popen(cmd, env=env, cwd=tree, stdout=log, stderr=log)
 
@@ -212,9 +213,9 @@ def run_aiperf(aiperf: str, base: Path, adapters: list[Path], port: int, tree: P
     try:
         wait_ready(port, proc, 300)
         cmd = [aiperf, "profile", "--model", "a0", "--url", f"http://127.0.0.1:{port}", "--endpoint-type",
-               "completions", "--streaming", "--concurrency", "8", "--request-count", "32", "--tokenizer", str(base),
-               "--synthetic-input-tokens-mean", "64", "--output-tokens-mean", str(max_tokens),
-               "--extra-inputs", "ignore_eos:true", "--artifact-dir", tempfile.mkdtemp(prefix="aiperf-")]
+               "completions", "--streaming", "--concurrency", "8", "--request-count", "32", "--tokenizer", "builtin",
+               "--isl", "64", "--osl", str(max_tokens), "--extra-inputs", "ignore_eos:true", "--ui-type", "simple",
+               "--artifact-dir", tempfile.mkdtemp(prefix="aiperf-")]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
         return done.stdout[-6000:] + (f"\n(aiperf exited {done.returncode}: {done.stderr[-2000:]})"
@@ -257,6 +258,7 @@ def main() -> None:
     parser.add_argument("--vllm-venv", type=Path, default=None)
     parser.add_argument("--static-ref", default=None, help="a git revision whose lorafit serve batches statically")
     parser.add_argument("--aiperf", default=None, help="the aiperf executable (in its own venv)")
+    parser.add_argument("--threads", type=int, default=None, help="lorafit serve --threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="a tiny model and load, to check the script")
     args = parser.parse_args()
@@ -269,7 +271,7 @@ def main() -> None:
         base, adapters, params = build_assets(work, args.hidden, args.layers, args.adapters, args.vocab)
         jobs = workload(args.requests, args.adapters, args.max_tokens, seed=1)
         jobs_by_level = {c: jobs[: max(8, args.requests // 4)] if c == 1 else jobs for c in levels}
-        servers = {"lorafit": lambda port, log: start_lorafit(base, adapters, port, ROOT, log)}
+        servers = {"lorafit": lambda port, log: start_lorafit(base, adapters, port, ROOT, log, args.threads)}
         if args.static_ref:
             old = work / "static"
             old.mkdir()

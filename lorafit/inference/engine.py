@@ -188,12 +188,22 @@ class Engine:
         in_use = self._adapters_in_use()
         with self.wake:
             candidates = list(self.waiting)
+        blocked = False  # an older request waits for adapter room: later ones may not take more of it
         for request in candidates:
             if not free:
                 break
             names = set(request.adapters or {})
+            if self.max_loras is not None and len(names) > self.max_loras:
+                with self.wake:
+                    self.waiting.remove(request)
+                _notify(request, None, LorafitError(f"{len(names)} adapters in one request; at most "
+                                                    f"{self.max_loras} (max_loras) fit in a step"))
+                continue
             if self.max_loras is not None and len(in_use | names) > self.max_loras:
-                continue  # waits until rows of other adapters leave (a step takes at most max_loras adapters)
+                blocked = True  # waits until rows of other adapters leave (a step takes at most max_loras adapters)
+                continue
+            if blocked and not names <= in_use:
+                continue
             if names and self.bank is not None:
                 try:
                     self.bank.make_resident(sorted(names), keep=sorted(in_use))
