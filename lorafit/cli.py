@@ -250,8 +250,8 @@ def serve(
     runtime_loading: bool = typer.Option(True, "--runtime-loading/--no-runtime-loading",
                                          help="Offer /v1/load_lora_adapter and /v1/unload_lora_adapter."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, show_default=False,
-                                          help="CPU threads for the model (default: torch's, one per core); 1 is "
-                                               "often faster on a machine busy with other work."),
+                                          help="CPU threads for the model (default: one per core but one, which "
+                                               "is left to HTTP and tokenizing)."),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=1,
                                       help="Prompt tokens a request reads per step (long prompts never stall "
                                            "decoding)."),

@@ -659,10 +659,10 @@ def serve_command(source: Path, adapters: dict[str, Path], host: str = "127.0.0.
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise LorafitError(f"--adapter-root {adapter_root}: not a directory")
     sock = bind(host, port)
-    if threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    # one core stays free for HTTP, tokenizing and streaming (vLLM's CPU build reserves one the same way)
+    torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     service = Service(source, adapters, max_batch=max_batch, batch_wait=batch_wait, max_loras=max_loras,
                       max_queue=max_queue, adapter_root=adapter_root, prefill_chunk=prefill_chunk)
     app = create_app(service, api_key)

@@ -258,7 +258,8 @@ def main() -> None:
     parser.add_argument("--vllm-venv", type=Path, default=None)
     parser.add_argument("--static-ref", default=None, help="a git revision whose lorafit serve batches statically")
     parser.add_argument("--aiperf", default=None, help="the aiperf executable (in its own venv)")
-    parser.add_argument("--threads", type=int, default=None, help="lorafit serve --threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="lorafit serve --threads (default: serve's own, all cores but one, as vLLM's CPU build)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="a tiny model and load, to check the script")
     args = parser.parse_args()
