@@ -118,11 +118,16 @@ def wait_ready(port: int, proc, timeout: float) -> None:
     raise SystemExit("the server did not start")
 
 
-def start_lorafit(base: Path, adapters: list[Path], port: int, tree: Path, log, threads: int | None = None):
+def start_lorafit(base: Path, adapters: list[Path], port: int, tree: Path, log, threads: int | None = None,
+                  static: bool = False):
+    """lorafit serve from `tree`; an older static-batching tree has no --threads, so OMP_NUM_THREADS gives it the
+    thread count today's serve picks (all cores but one)."""
     cmd = [sys.executable, "-m", "lorafit", "serve", str(base), "--port", str(port), "--batch-wait-ms", "10",
            *[a for i, folder in enumerate(adapters) for a in ("--adapter", f"a{i}={folder}")],
-           *(["--threads", str(threads)] if threads else [])]
+           *(["--threads", str(threads)] if threads and not static else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
+    if static:
+        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 2) - 1))
     return subprocess.Popen(cmd, env=env, cwd=tree, stdout=log, stderr=log)
 
 
@@ -279,7 +284,8 @@ def main() -> None:
             archive = subprocess.run(["git", "archive", args.static_ref, "lorafit"], cwd=ROOT, capture_output=True,
                                      check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-            servers["static"] = lambda port, log: start_lorafit(base, adapters, port, old, log)
+            servers["static"] = lambda port, log: start_lorafit(base, adapters, port, old, log, args.threads,
+                                                                static=True)
         if args.vllm_venv:
             servers["vllm"] = lambda port, log: start_vllm(args.vllm_venv, base, adapters, port, log)
         results = {}
