@@ -276,28 +276,17 @@ def generation_cases(examples, tokenizer, limit: int = GENERATION_ROWS) -> list[
 @torch.no_grad()
 def generate_texts(model, tokenizer, cases: list[GenerationCase], stop_ids: list[int],
                    batch_size: int = GENERATION_BATCH) -> list[str]:
-    """Greedy completions of each case's prompt, cut at a stop token or its reference length + margin.
+    """Greedy completions of each case's prompt, cut at a stop token or its reference length + margin; decoded by
+    the inference engine, `batch_size` rows at a time (a row's answer does not depend on the others)."""
+    from lorafit.inference.engine import decode
+    from lorafit.inference.sampling import Sampling
 
-    Prompts are left-padded into batches (with an attention mask) so every row's last prompt token is at the end.
-    """
-    from transformers import GenerationConfig
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
     texts = []
     for start in range(0, len(cases), batch_size):
         batch = cases[start: start + batch_size]
-        width = max(len(c.prompt_ids) for c in batch)
-        ids = torch.tensor([[pad] * (width - len(c.prompt_ids)) + c.prompt_ids for c in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(c.prompt_ids)) + [1] * len(c.prompt_ids) for c in batch],
-                            device=device)
-        budget = max(c.reference_tokens for c in batch) + GENERATION_MARGIN
-        config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # (B, width + new)
-        for case, row in zip(batch, out[:, width:].tolist(), strict=True):
-            row = row[: case.reference_tokens + GENERATION_MARGIN]
-            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-            texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        samplings = [Sampling(max_new_tokens=c.reference_tokens + GENERATION_MARGIN) for c in batch]
+        texts += [c.text.strip() for c in decode(model, tokenizer, [c.prompt_ids for c in batch], samplings,
+                                                 stop_ids)]
     return texts
 
 
