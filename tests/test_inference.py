@@ -176,3 +176,24 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_a_failing_one_stops_no_othe
         _finish(engine)
     assert isinstance(outcome["broken"], ZeroDivisionError)
     assert outcome["fine"].token_ids == _alone(base_model(tiny_model_dir), fine.prompt, 6)
+
+
+class _IdsTokenizer:
+    """Decodes ids as their numbers: the zoo's models have no tokenizer of their own."""
+
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "falcon", "phi3", "qwen3", "gemma2", "qwen3_moe"])
+def test_the_engine_decodes_the_zoos_architectures_as_transformers_generate(arch):
+    from test_zoo import build_zoo_model
+
+    from lorafit.inference.engine import decode
+
+    model = build_zoo_model(arch, 400).eval()
+    prompts = [[5, 9, 33, 7, 12, 40, 41, 8, 3, 99], [17, 4, 250], [300, 301, 302, 303, 11]]
+    got = decode(model, _IdsTokenizer(), prompts, [Sampling(max_new_tokens=10)] * 3, stop_ids=[])
+    assert [c.token_ids for c in got] == [_alone(model, p, 10) for p in prompts]
