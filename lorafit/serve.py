@@ -112,8 +112,11 @@ class Service:
                         engine.wake.wait()
                 if idle and self.batch_wait > 0:
                     time.sleep(self.batch_wait)  # from idle: let requests sent together start together
-                with self.lock:
-                    engine.step()
+                try:
+                    with self.lock:
+                        engine.step()
+                except Exception as e:  # noqa: BLE001 - the worker must outlive any one step's failure
+                    print(f"error: engine step failed: {e.__class__.__name__}: {e}", file=sys.stderr, flush=True)
 
     # -- adapters
 
