@@ -75,7 +75,7 @@ class Service:
 
     def __init__(self, source: Path, adapters: dict[str, Path], max_batch: int = 32, batch_wait: float = 0.01,
                  max_loras: int | None = None, max_queue: int | None = None, adapter_root: Path | None = None,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, threads: int | None = None):
         from lorafit.inference.engine import Engine
         from lorafit.inference.load import open_bank
         from lorafit.sources import load_source_tokenizer, resolve_source, stop_token_ids
@@ -98,11 +98,14 @@ class Service:
                              max_loras=max_loras, stop_ids=self.completion_stops)
         self.lock = threading.Lock()  # the model: one engine step, or one adapter load, at a time
         self.metrics = None
+        self.threads = threads
         threading.Thread(target=self._work, name="lorafit-engine", daemon=True).start()
 
     def _work(self) -> None:
         import torch
 
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # OpenMP's thread count is per thread: set it where the model runs
         engine = self.engine
         with torch.no_grad():
             while True:
@@ -665,9 +668,10 @@ def serve_command(source: Path, adapters: dict[str, Path], host: str = "127.0.0.
     import torch
 
     # one core stays free for HTTP, tokenizing and streaming (vLLM's CPU build reserves one the same way)
-    torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
+    threads = threads or max(1, torch.get_num_threads() - 1)
+    torch.set_num_threads(threads)
     service = Service(source, adapters, max_batch=max_batch, batch_wait=batch_wait, max_loras=max_loras,
-                      max_queue=max_queue, adapter_root=adapter_root, prefill_chunk=prefill_chunk)
+                      max_queue=max_queue, adapter_root=adapter_root, prefill_chunk=prefill_chunk, threads=threads)
     app = create_app(service, api_key)
     if not runtime_loading:
         app.router.routes = [r for r in app.router.routes

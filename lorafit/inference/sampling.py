@@ -10,6 +10,8 @@ import torch
 
 from lorafit.errors import LorafitError
 
+MAX_UTF8 = 4  # bytes in the longest UTF-8 character
+
 
 @dataclass
 class Sampling:
@@ -44,6 +46,7 @@ class RowText:
     text: str = ""
     sent: int = 0  # characters of `text` already handed to the callback
     finish: str | None = None
+    stalled: int = 0  # tokens in a row after which the text still ended in U+FFFD (an unfinished character)
 
     @classmethod
     def start(cls, sampling: Sampling, default_stops: Sequence[int]) -> RowText:
@@ -85,17 +88,21 @@ def advance(row: RowText, token: int, tokenizer, on_text: Callable[[str], None] 
             row.text, row.finish = row.text[:cut], "stop"
         elif len(row.tokens) >= row.sampling.max_new_tokens:
             row.finish = "length"
+    row.stalled = row.stalled + 1 if row.text.endswith("\ufffd") else 0
     if on_text is None:
         return
-    ready = len(row.text) if row.finish else certain_length(row.text, row.sampling.stop)
+    # a character is at most 4 bytes: U+FFFD still there MAX_UTF8 tokens later is what the model wrote, not a part
+    ready = len(row.text) if row.finish else certain_length(row.text, row.sampling.stop,
+                                                            row.stalled >= MAX_UTF8)
     if ready > row.sent:
         on_text(row.text[row.sent: ready])
         row.sent = ready
 
 
-def certain_length(text: str, stop: Sequence[str]) -> int:
-    """How much of a growing text can be shown: not an incomplete character, nor a tail that begins a stop string."""
-    end = len(text.rstrip("\ufffd"))
+def certain_length(text: str, stop: Sequence[str], replacement_final: bool = False) -> int:
+    """How much of a growing text can be shown: not an incomplete character (a trailing U+FFFD, unless
+    `replacement_final`), nor a tail that begins a stop string."""
+    end = len(text) if replacement_final else len(text.rstrip("\ufffd"))
     for s in stop:
         for k in range(min(len(s) - 1, end), 0, -1):
             if text[:end].endswith(s[:k]):
