@@ -253,8 +253,8 @@ def serve(
                                           help="CPU threads for the model (default: one per core but one, which "
                                                "is left to HTTP and tokenizing)."),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=1,
-                                      help="Prompt tokens a request reads per step (long prompts never stall "
-                                           "decoding)."),
+                                      help="Prompt tokens read per step, all new requests together (long prompts "
+                                           "never stall decoding)."),
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API; the request's "model" picks the
     adapter, and requests for different adapters share one batch (continuous batching: a request joins at the next

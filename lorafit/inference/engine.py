@@ -4,8 +4,8 @@ Each `step`:
   1. rows whose request was cancelled (a client that went away) leave;
   2. waiting requests are admitted while slots are free and the step's distinct adapters stay within `max_loras`
      (parked adapters are swapped in, least recently used out);
-  3. rows still reading their prompt advance by one chunk of at most `prefill_chunk` tokens, all in one forward
-     pass; a row whose prompt is done samples its first token and joins the decoding rows;
+  3. rows still reading their prompt advance by at most `prefill_chunk` tokens in all (oldest first), in one
+     forward pass; a row whose prompt is done samples its first token and joins the decoding rows;
   4. the decoding rows advance one token together; a row that ends leaves at once and its slot is reused.
 So a request that arrives while others decode starts at the next step, and a short answer never waits for a long one.
 
@@ -81,7 +81,7 @@ class Engine:
         tokenizer: decodes the new tokens.
         bank: the `AdapterBank` on the model (None: no adapters, or the model's own attached adapter).
         max_rows: rows decoded together (the cache's slots).
-        prefill_chunk: prompt tokens a row reads per step.
+        prefill_chunk: prompt tokens read per step, all prefilling rows together.
         max_loras: distinct adapters in one step (None: any); the bank's `max_resident` bounds what is in memory.
         stop_ids: the tokens that end a row whose sampling names none.
     """
@@ -219,8 +219,16 @@ class Engine:
             self.slots[slot] = _Row(request, slot, RowText.start(request.sampling, self.stop_ids))
 
     def _prefill(self, rows: list[_Row]) -> None:
-        """One chunk of each row's prompt, left-padded to the widest so every row's last token comes last."""
-        chunks = [row.request.prompt[row.fed: row.fed + self.prefill_chunk] for row in rows]
+        """The next `prefill_chunk` prompt tokens of the step, shared by the prefilling rows oldest first (so a burst
+        of long prompts cannot stall decoding), left-padded to the widest so every row's last token comes last."""
+        budget, chunks, taken = self.prefill_chunk, [], []
+        for row in sorted(rows, key=lambda r: r.request.arrived):
+            if budget <= 0:
+                break
+            chunks.append(row.request.prompt[row.fed: row.fed + budget])
+            taken.append(row)
+            budget -= len(chunks[-1])
+        rows = taken
         q = max(len(c) for c in chunks)
         width = max(row.fed + len(c) for row, c in zip(rows, chunks, strict=True))
         self.cache.reserve(width)
