@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench_serve.py --vllm-venv /work/venvs/vllm --static-ref c77620b \\
         --aiperf /work/venvs/aiperf/bin/aiperf --json bench.json
 
-A random-weight Llama (hidden 512, 6 layers by default) is saved with a byte-level BPE tokenizer trained here, and 4
+A random-weight Llama (hidden 512, 6 layers by default) is saved with a BPE tokenizer (Metaspace) trained here, and 4
 LoRA adapters (r=16, alpha=32 on every linear layer, random nonzero B) in PEFT's format. Each server gets the same
 load: `--requests` greedy completions per concurrency level, round-robin over the adapters, mixed prompt lengths
 (a short and a long prompt family) and mixed output lengths (`ignore_eos`, so every server writes exactly as many
@@ -56,11 +56,13 @@ def build_assets(work: Path, hidden: int, layers: int, adapters: int, vocab: int
     from lorafit.adapters import attach_lora, lora_layers, unwrap_lora
     from lorafit.adapters.peft_io import save_adapter
 
+    # Metaspace (SentencePiece's word marker), not byte-level: every token decodes to whole characters, so a random
+    # model's answers are valid text and servers' answers compare as text (byte tokens make U+FFFD soup, which each
+    # server's incremental detokenizer renders its own way)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     rng = random.Random(0)
     tok.train_from_iterator([" ".join(rng.choices(WORDS, k=30)) for _ in range(2000)], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
