@@ -238,6 +238,7 @@ def build_job(service: Service, body: dict, chat: bool) -> Job:
             that does not fit the context with its max_tokens.
     """
     from lorafit.data import end_token_ids
+    from lorafit.sources import saved_stop_ids
 
     if "model" not in body:
         raise ApiError(400, "model: required (the base's id or an adapter name; see GET /v1/models)", param="model")
@@ -251,7 +252,7 @@ def build_job(service: Service, body: dict, chat: bool) -> Job:
     prompt = _chat_prompt(tokenizer, body) if chat else _completion_prompt(tokenizer, body)
     if chat:
         template = src.config.data.chat_template if src.config is not None else None
-        stop_ids = sorted(end_token_ids(tokenizer, template, chat=True))
+        stop_ids = sorted(end_token_ids(tokenizer, template, chat=True) | saved_stop_ids(src))
     else:
         stop_ids = service.completion_stops
     if body.get("ignore_eos"):  # vLLM's extension (benchmarks): only max_tokens or a stop string ends the answer
