@@ -220,11 +220,12 @@ def run_aiperf(aiperf: str, base: Path, adapters: list[Path], port: int, tree: P
     try:
         wait_ready(port, proc, 300)
         cmd = [aiperf, "profile", "--model", "a0", "--url", f"http://127.0.0.1:{port}", "--endpoint-type",
-               "completions", "--streaming", "--concurrency", "8", "--request-count", "32", "--tokenizer", "builtin",
+               "completions", "--streaming", "--concurrency", "8", "--request-count", "32", "--tokenizer", str(base),
                "--isl", "64", "--osl", str(max_tokens), "--extra-inputs", "ignore_eos:true", "--ui-type", "simple",
                "--artifact-dir", tempfile.mkdtemp(prefix="aiperf-")]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # not HF_HUB_OFFLINE: aiperf 0.13 then looks a local tokenizer folder up as a hub cache entry and fails
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
         return done.stdout[-6000:] + (f"\n(aiperf exited {done.returncode}: {done.stderr[-2000:]})"
                                       if done.returncode else "")
     finally:
