@@ -265,12 +265,28 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on every request."),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests decoded together."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most requests decoded together (KV slots)."),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0.0,
-                                        help="How long the first request waits for others to share its batch."),
+                                        help="From idle, how long the first request waits for others to start with it."),
+    max_loras: Optional[int] = typer.Option(None, "--max-loras", min=1, show_default=False,
+                                            help="Adapters in the model (and in one step) at once; others wait on "
+                                                 "the CPU and are swapped in (default: all)."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", min=1, show_default=False,
+                                            help="Requests that may wait; more get HTTP 429 (default: no limit)."),
+    adapter_root: Optional[Path] = typer.Option(None, "--adapter-root", show_default=False, metavar="DIR",
+                                                help="/v1/load_lora_adapter reads only below DIR."),
+    runtime_loading: bool = typer.Option(True, "--runtime-loading/--no-runtime-loading",
+                                         help="Offer /v1/load_lora_adapter and /v1/unload_lora_adapter."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, show_default=False,
+                                          help="CPU threads for the model (default: one per core but one, which "
+                                               "is left to HTTP and tokenizing)."),
+    prefill_chunk: int = typer.Option(256, "--prefill-chunk", min=1,
+                                      help="Prompt tokens read per step, all new requests together (long prompts "
+                                           "never stall decoding)."),
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API; the request's "model" picks the
-    adapter, and requests for different adapters share one batch.
+    adapter, and requests for different adapters share one batch (continuous batching: a request joins at the next
+    step and leaves when it ends). GET /health and GET /metrics (Prometheus) beside /v1.
 
     Example:  lorafit serve runs/a --adapter b=runs/b --port 8000
     Then:     curl localhost:8000/v1/completions -d '{"model": "b", "prompt": "Hello", "max_tokens": 20}'
@@ -279,7 +295,9 @@ def serve(
     from lorafit.serve import serve_command
 
     serve_command(source, parse_named(adapter), host=host, port=port, api_key=api_key, max_batch=max_batch,
-                  batch_wait=batch_wait_ms / 1000)
+                  batch_wait=batch_wait_ms / 1000, max_loras=max_loras, max_queue=max_queue,
+                  adapter_root=adapter_root, runtime_loading=runtime_loading, prefill_chunk=prefill_chunk,
+                  threads=threads)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lorafit.errors import DataError, RunDirError
+from lorafit.inference.load import add_adapter, load_bank  # noqa: F401 - add_adapter: callers reach it here too
 
 
 @torch.no_grad()
@@ -148,67 +149,6 @@ def _load_bank(config, adapters: dict[str, Path]):
     return model, load_source_tokenizer(src), src, bank
 
 
-def load_bank(src, adapters: dict[str, Path]):
-    """`src`'s base model (as trained: quantized for QLoRA; on the GPU when there is one and it is not quantized),
-    loaded once, and an `AdapterBank` holding each named adapter folder on it.
-
-    Raises:
-        RunDirError: an adapter folder that is missing or holds no adapter, or one trained on another base.
-    """
-    from lorafit.adapters.multi import AdapterBank
-    from lorafit.merge import check_same_base
-    from lorafit.model import load_model
-    from lorafit.sources import resolve_source, warn_residual_base
-
-    resolved = {name: resolve_source(Path(d)) for name, d in adapters.items()}
-    for other in (src, *resolved.values()):
-        warn_residual_base(other)
-    for name, other in resolved.items():
-        try:
-            check_same_base([src, other])
-        except RunDirError as e:
-            raise RunDirError(f"--adapter {name}={adapters[name]}: {e}") from None
-    model = load_model(src.model)
-    if torch.cuda.is_available() and src.quantization is None:
-        model.to("cuda")
-    model.eval()
-    bank = AdapterBank(model)
-    for name, other in resolved.items():
-        add_adapter(bank, name, other.adapter_dir)
-    return model, bank
-
-
-def add_adapter(bank, name: str, adapter_dir: Path) -> None:
-    """Load the adapter folder onto the bank's base model and hold it under `name`."""
-    from lorafit.adapters.multi import take_adapter_layers
-    from lorafit.adapters.peft_io import load_adapter
-
-    if name in bank.names:
-        raise RunDirError(f"adapter name {name!r} is already loaded; give each adapter its own name")
-    _check_alone(bank, name, adapter_dir)
-    with bank.detached() as model:
-        load_adapter(model, adapter_dir, dropout=0.0)
-        layers = take_adapter_layers(model)
-    bank.add(name, layers)
-
-
-def _check_alone(bank, name: str, adapter_dir: Path) -> None:
-    """An adapter with token rows or modules_to_save changes the base itself (its embedding / head), so it can
-    only be held alone; refuse it beside others (merge it instead)."""
-    from lorafit.adapters.peft_io import read_adapter_config
-
-    config = read_adapter_config(adapter_dir)
-    if config.get("trainable_token_indices") or config.get("modules_to_save"):
-        if bank.names:
-            raise RunDirError(f"--adapter {name}={adapter_dir}: it trains token rows or modules_to_save, which change "
-                              f"the base's embedding / head, so it cannot share a base with other adapters; serve it "
-                              f"alone, or merge it (lorafit merge) and serve the merged model")
-        bank.alone = name
-    elif getattr(bank, "alone", None):
-        raise RunDirError(f"--adapter {name}={adapter_dir}: {bank.alone} trains token rows or modules_to_save and is "
-                          f"held alone; serve the others on their own, or merge {bank.alone} first")
-
-
 def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: Path | None = None,
                      console=None, generate_rows: int | None = None,
                      adapters: dict[str, Path] | None = None) -> dict[str, Any]:
@@ -336,28 +276,17 @@ def generation_cases(examples, tokenizer, limit: int = GENERATION_ROWS) -> list[
 @torch.no_grad()
 def generate_texts(model, tokenizer, cases: list[GenerationCase], stop_ids: list[int],
                    batch_size: int = GENERATION_BATCH) -> list[str]:
-    """Greedy completions of each case's prompt, cut at a stop token or its reference length + margin.
+    """Greedy completions of each case's prompt, cut at a stop token or its reference length + margin; decoded by
+    the inference engine, `batch_size` rows at a time (a row's answer does not depend on the others)."""
+    from lorafit.inference.engine import decode
+    from lorafit.inference.sampling import Sampling
 
-    Prompts are left-padded into batches (with an attention mask) so every row's last prompt token is at the end.
-    """
-    from transformers import GenerationConfig
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
     texts = []
     for start in range(0, len(cases), batch_size):
         batch = cases[start: start + batch_size]
-        width = max(len(c.prompt_ids) for c in batch)
-        ids = torch.tensor([[pad] * (width - len(c.prompt_ids)) + c.prompt_ids for c in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(c.prompt_ids)) + [1] * len(c.prompt_ids) for c in batch],
-                            device=device)
-        budget = max(c.reference_tokens for c in batch) + GENERATION_MARGIN
-        config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # (B, width + new)
-        for case, row in zip(batch, out[:, width:].tolist(), strict=True):
-            row = row[: case.reference_tokens + GENERATION_MARGIN]
-            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-            texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        samplings = [Sampling(max_new_tokens=c.reference_tokens + GENERATION_MARGIN) for c in batch]
+        texts += [c.text.strip() for c in decode(model, tokenizer, [c.prompt_ids for c in batch], samplings,
+                                                 stop_ids)]
     return texts
 
 

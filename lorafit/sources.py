@@ -178,24 +178,10 @@ def residual_base_note(source: Source) -> str | None:
 
 
 def load_inference_model(source: Source):
-    """The model `eval` and `generate` run: a merged model as saved, or the base (as trained, quantized for QLoRA)
-    with the adapter attached, in eval mode. Full-precision models go to the GPU when there is one."""
-    import torch
+    """The model `eval` and `generate` run (its home is `lorafit.inference.load`)."""
+    from lorafit.inference.load import load_inference_model as load
 
-    from lorafit.adapters.peft_io import load_adapter
-    from lorafit.model import load_model
-
-    on_gpu = torch.cuda.is_available()
-    warn_residual_base(source)
-    if source.adapter_dir is None:
-        model = load_model(source.model.model_copy(update={"dtype": "bfloat16" if on_gpu else "float32"}))
-    else:
-        model = load_model(source.model)
-        load_adapter(model, source.adapter_dir, dropout=0.0)
-    if on_gpu and source.quantization is None:
-        model.to("cuda")
-    model.eval()
-    return model
+    return load(source)
 
 
 def warn_residual_base(source: Source) -> None:

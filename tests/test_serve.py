@@ -1,6 +1,9 @@
 """`lorafit serve`: a real server process on a free local port, answered through the official `openai` client:
 models, completions, chat, streaming, usage, seeds, mixed-adapter batches equal to serial answers, run-time adapter
-loading, OpenAI-style 4xx errors after which the server keeps serving, and a busy port refused."""
+loading, OpenAI-style 4xx errors after which the server keeps serving, and a busy port refused; continuous batching
+(a short request behind a long one finishes first), merged_adapters equal to the merged adapter, answers unchanged
+under adapter swapping (--max-loras 1), 429 under a full queue, a disconnect freeing its row, /health and /metrics,
+--adapter-root and an exposed server without a key refused."""
 
 from __future__ import annotations
 
@@ -57,19 +60,61 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     return made
 
 
-@pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
+def _start(args: list[str]):
+    """A `lorafit serve` process on a free port: (port, client, process); stop it with _stop."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lorafit", "serve", str(runs["a"]), "--adapter", f"b={runs['b']}", "--port",
-           str(port), "--api-key", KEY, "--batch-wait-ms", "300"]
+    cmd = [sys.executable, "-m", "lorafit", "serve", *args, "--port", str(port), "--api-key", KEY]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_ready(port, proc)
-        yield port, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+    except Exception:
+        _stop(proc)
+        raise
+    return port, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0), proc
+
+
+def _stop(proc) -> None:
+    os.kill(proc.pid, signal.SIGTERM)  # stopped by its pid
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(runs, merged, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp()  # every test's folders, not the rest of the disk
+    port, client, proc = _start([str(runs["a"]), "--adapter", f"b={runs['b']}", "--adapter", f"ab={merged}",
+                                 "--batch-wait-ms", "300",
+                                 "--adapter-root", str(root)])
+    try:
+        yield port, client
     finally:
-        os.kill(proc.pid, signal.SIGTERM)  # stopped by its pid
-        proc.wait(timeout=30)
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def small_server(runs, merged):
+    """One slot, two adapters in the model at a time (of three), two requests may wait."""
+    port, client, proc = _start([str(runs["a"]), "--adapter", f"b={runs['b']}", "--adapter", f"ab={merged}",
+                                 "--max-batch", "1", "--max-loras", "2", "--max-queue", "2", "--batch-wait-ms", "0"])
+    try:
+        yield port, client
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def merged(runs, tmp_path_factory):
+    """`lorafit merge a b --weights 0.6,0.5 --as-adapter`: one LoRA adapter holding both updates."""
+    out = tmp_path_factory.mktemp("merged") / "ab"
+    assert main_exit("merge", str(runs["a"]), str(runs["b"]), "--weights", "0.6,0.5", "--as-adapter", "--out",
+                     str(out)) == 0
+    return out
+
+
+def main_exit(*args: str) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return info.value.code
 
 
 def _complete(client, model, prompt, **kwargs):
@@ -80,7 +125,7 @@ def _complete(client, model, prompt, **kwargs):
 def test_models_lists_the_base_and_every_adapter(server, tiny_model_dir):
     _, client = server
     ids = [m.id for m in client.models.list().data]
-    assert ids == [str(tiny_model_dir), "a", "b"]
+    assert ids == [str(tiny_model_dir), "a", "b", "ab"]
 
 
 def test_mixed_concurrent_requests_share_a_batch_and_equal_serial_answers(server, tiny_model_dir, tiny_tokenizer):
@@ -193,3 +238,153 @@ def test_busy_port_exits_2_before_loading(runs, capsys):
             main(["serve", str(runs["a"]), "--port", str(port)])
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"--port {port}: already in use" in err and "Traceback" not in err
+
+
+def test_a_short_request_behind_a_long_one_finishes_first(server):
+    _, client = server
+    finished = {}
+
+    def send(name, tokens, delay):
+        time.sleep(delay)
+        _complete(client, "a", PROMPTS[0], max_tokens=tokens, extra_body={"ignore_eos": True})
+        finished[name] = time.monotonic()
+
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(send, "long", 400, 0.0), pool.submit(send, "short", 8, 0.3)]
+        for job in jobs:
+            job.result()
+    assert finished["short"] < finished["long"]  # it joined the running batch and left when it ended
+
+
+def test_merged_adapters_answer_as_the_merged_adapter_in_the_same_batch(small_server, tiny_model_dir):
+    _, client = small_server
+    composed = {"ids": ["a", "b"], "weights": [0.6, 0.5], "merge_strategy": "linear"}
+    for prompt in PROMPTS[:3]:
+        mixed = _complete(client, str(tiny_model_dir), prompt, max_tokens=10,
+                          extra_body={"merged_adapters": composed})
+        alone = _complete(client, "ab", prompt, max_tokens=10)
+        assert mixed.choices[0].text == alone.choices[0].text
+    assert mixed.model == str(tiny_model_dir)
+
+
+def test_answers_do_not_change_when_adapters_swap_in_and_out(server, small_server):
+    _, full = server
+    port, small = small_server
+    jobs = [("ab", PROMPTS[0]), ("a", PROMPTS[1]), ("b", PROMPTS[2]), ("ab", PROMPTS[0]), ("a", PROMPTS[3])]
+    expected = [_complete(full, m, p).choices[0].text for m, p in jobs]
+    before = _metric(port, "lorafit_adapter_swaps_total")
+    assert [_complete(small, m, p).choices[0].text for m, p in jobs] == expected
+    assert _metric(port, "lorafit_adapter_swaps_total") - before >= 3  # 3 adapters, 2 places: each turn swaps
+
+
+def _metric(port: int, name: str, labels: str = "") -> float:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} ") :
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{labels} not in /metrics:\n{text}")
+
+
+def test_a_full_queue_gets_429_with_retry_after_and_the_server_goes_on(small_server):
+    port, client = small_server
+    long = {"max_tokens": 480, "extra_body": {"ignore_eos": True}}
+    with ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(_complete, client, "a", PROMPTS[0], **long)]
+        _wait_for(port, running=1)
+        waiting = [pool.submit(_complete, client, "a", PROMPTS[1], **long) for _ in range(2)]
+        _wait_for(port, running=1, waiting=2)
+        with pytest.raises(openai.RateLimitError) as info:
+            _complete(client, "a", PROMPTS[2])
+        for job in running + waiting:
+            assert job.result().usage.completion_tokens == 480
+    assert info.value.response.headers["retry-after"] == "1"
+    assert info.value.body["code"] == 429 and "--max-queue 2" in info.value.body["message"]
+    assert _metric(port, "lorafit_requests_total", '{status="429"}') >= 1
+    assert _complete(client, "a", PROMPTS[2]).choices[0].text is not None
+
+
+def _wait_for(port: int, timeout: float = 60.0, **expected) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+        if all(health[k] == v for k, v in expected.items()):
+            return health
+        time.sleep(0.02)
+    raise AssertionError(f"/health never showed {expected}: {health}")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_row(small_server, stream):
+    port, client = small_server
+    steps = _metric(port, "lorafit_engine_steps")
+    body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": stream}
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        data = json.dumps(body).encode()
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        _wait_for(port, running=1)
+    _wait_for(port, running=0, waiting=0)
+    reply = _complete(client, "a", PROMPTS[1], max_tokens=4)
+    assert reply.usage.completion_tokens == 4
+    assert _metric(port, "lorafit_engine_steps") - steps < 400  # the 400-token answer was not decoded to its end
+
+
+def test_health_metrics_and_the_access_log(server):
+    port, client = server
+    _complete(client, "a", PROMPTS[0])
+    assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())["status"] == "ok"
+    assert _metric(port, "lorafit_requests_total", '{status="200"}') >= 1
+    assert _metric(port, "lorafit_time_to_first_token_seconds_count") >= 1
+    assert _metric(port, "lorafit_generation_tokens_total") >= 8
+    assert _metric(port, "lorafit_requests_running") == 0
+
+
+@pytest.mark.parametrize("case,status,needle", [
+    ("unknown-id", 404, "`nope` does not exist"),
+    ("weights", 400, "expected 2 numbers"),
+    ("strategy", 400, "'ties' is not supported"),
+    ("model-not-base", 400, "must be the base's id"),
+    ("not-lora", 400, "not a plain LoRA adapter"),
+])
+def test_bad_merged_adapters_get_openai_errors(server, runs, tiny_model_dir, case, status, needle):
+    port, client = server
+    spec = {"ids": ["a", "b"], "weights": [0.5, 0.5], "merge_strategy": "linear"}
+    model = str(tiny_model_dir)
+    if case == "unknown-id":
+        spec["ids"] = ["a", "nope"]
+    elif case == "weights":
+        spec["weights"] = [1.0]
+    elif case == "strategy":
+        spec["merge_strategy"] = "ties"
+    elif case == "model-not-base":
+        model = "a"
+    else:
+        assert _post(port, "/v1/load_lora_adapter", {"lora_name": "c2", "lora_path": str(runs["c"])})[0] == 200
+        spec["ids"] = ["a", "c2"]
+    code, answer = _post(port, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 4,
+                                                   "merged_adapters": spec})
+    if case == "not-lora":
+        _post(port, "/v1/unload_lora_adapter", {"lora_name": "c2"})
+    assert code == status and needle in answer["error"]["message"]
+    assert _complete(client, "a", "hello").choices[0].text is not None
+
+
+def test_loading_outside_the_adapter_root_is_403_whether_or_not_it_exists(server, runs):
+    port, _ = server
+    escape = runs["a"].parent / ".." / ".." / ".." / "etc"  # climbs out of the root
+    answers = [_post(port, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(path)})
+               for path in ("/etc", "/nonexistent/lorafit-adapter", escape)]
+    assert {code for code, _ in answers} == {403}
+    assert len({a["error"]["message"] for _, a in answers}) == 1  # the same words: nothing about existence
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--host", "0.0.0.0"], "--api-key KEY"),
+    (["--max-loras", "0"], "--max-loras"),
+    (["--max-queue", "0"], "--max-queue"),
+])
+def test_unsafe_or_empty_limits_exit_2_before_loading(runs, args, needle, capsys):
+    assert main_exit("serve", str(runs["a"]), "--port", str(_free_port()), *args) == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err + captured.out and "Traceback" not in captured.err
