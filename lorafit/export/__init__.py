@@ -90,7 +90,7 @@ def base_config(src):
 
 def export_merged(src, out: Path, dtype: str, console) -> ExportReport:
     """The merged model as one GGUF file plus an Ollama Modelfile in `out`."""
-    from lorafit.checkpoint import write_dir_atomically
+    from lorafit.atomic import write_dir_atomically
     from lorafit.export.arch import architecture, gguf_tensors, write_hparams
     from lorafit.export.modelfile import modelfile_text
     from lorafit.export.vocab import build_vocab, write_vocab
@@ -139,7 +139,7 @@ def merged_model(src, tokenizer, console):
     Raises:
         MergeVerificationError: the merged model does not reproduce the adapter (a bug, exit 1).
     """
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
     from lorafit.merge import (
         MERGE_TOLERANCE,
         MergeVerificationError,

@@ -29,7 +29,7 @@ def check_method(src) -> None:
     Raises:
         LorafitError: DoRA or VeRA (or another non-LoRA kind), named, with what to do instead.
     """
-    from lorafit.checkpoint import read_adapter_config
+    from lorafit.adapters.peft_io import read_adapter_config
 
     config = read_adapter_config(src.adapter_dir)
     kind = config.get("peft_type", "LORA")
@@ -52,9 +52,9 @@ def lora_factors(name: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
 
     if isinstance(layer, AdaLoraLinear):
         a = layer.lora_A.weight * layer.lora_E  # (r, in) ⊙ (r, 1)
-        return a.float(), (layer.scale * layer.lora_B.weight).float()
+        return a.detach().float(), (layer.scale * layer.lora_B.weight).detach().float()
     if isinstance(layer, LoraLinear) and not layer.dora:
-        return layer.lora_A.weight.float(), (layer.scale * layer.lora_B.weight).float()
+        return layer.lora_A.weight.detach().float(), (layer.scale * layer.lora_B.weight).detach().float()
     raise LorafitError(f"--format gguf-lora: layer {name} is a {type(layer).__name__}, not a LoRA; {REFUSED}")
 
 
@@ -77,7 +77,7 @@ def lora_tensors(model, config, arch) -> tuple[list[tuple[str, object]], list[in
             raise LorafitError(f"--format gguf-lora: adapted module {module} has no GGUF tensor in llama.cpp's "
                                f"{arch.gguf_arch.lower()} architecture; {REFUSED}")
         a, b = lora_factors(module, layer)
-        delta = layer.delta().float()
+        delta = layer.delta().detach().float()
         if not torch.allclose(b @ a, delta, rtol=1e-4, atol=1e-6 * max(delta.abs().max().item(), 1e-12)):
             raise LorafitError(f"--format gguf-lora: {module}: the factors do not reproduce the layer's update "
                                f"(a lorafit bug; {REFUSED})")
@@ -95,7 +95,8 @@ def export_lora(src, out: Path, dtype: str, console):
     """Write the source's adapter as a LoRA GGUF into `out`."""
     import gguf
 
-    from lorafit.checkpoint import load_adapter, write_dir_atomically
+    from lorafit.adapters.peft_io import load_adapter
+    from lorafit.atomic import write_dir_atomically
     from lorafit.export import ExportReport, base_config
     from lorafit.export.arch import architecture
     from lorafit.export.write import file_type, new_writer, write_file

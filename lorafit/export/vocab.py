@@ -109,6 +109,12 @@ def build_vocab(tokenizer, vocab_size: int, end_of_turn: list[int], chat_templat
     model = definition["model"]
     by_id = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in definition.get("added_tokens", [])}
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad >= vocab_size:
+        # lorafit's tokenizer loader gives a tokenizer without one a pad token (`model.ensure_pad_token`); padding
+        # never reaches a GGUF model, and a model that did not train with it has no row for it
+        added.pop(pad, None)
+        pad = None
     ids = set(by_id) | set(added)
     if ids and max(ids) >= vocab_size:
         raise LorafitError(f"export: the tokenizer has token id {max(ids)} but the model only {vocab_size} embedding "
@@ -127,9 +133,9 @@ def build_vocab(tokenizer, vocab_size: int, end_of_turn: list[int], chat_templat
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     probe = tokenizer(PROBE_TEXT)["input_ids"]  # what the HF tokenizer really adds, not what its config claims
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return Vocab(tokens, [int(t) for t in types], merges, pre, bos, eos, tokenizer.unk_token_id,
-                 tokenizer.pad_token_id, add_bos=bos is not None and probe[:1] == [bos],
-                 add_eos=eos is not None and probe[-1:] == [eos], end_of_turn=[t for t in end_of_turn if t != eos],
+    return Vocab(tokens, [int(t) for t in types], merges, pre, bos, eos, tokenizer.unk_token_id, pad,
+                 add_bos=bos is not None and probe[:1] == [bos], add_eos=eos is not None and probe[-1:] == [eos],
+                 end_of_turn=[t for t in end_of_turn if t != eos],
                  chat_template=chat_template)
 
 
