@@ -196,6 +196,26 @@ def test_shipped_quickstart_model_answers_as_transformers(tmp_path):
         llm.close()
 
 
+@pytest.mark.slow
+def test_qlora_run_exports_the_model_it_trained_on_the_dequantized_base(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """As `lorafit merge` merges it: llama.cpp on the export equals transformers on `lorafit merge`'s output, and
+    differs from the adapter on the original full-precision weights (the quantization round trip is in it)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.merge import merge_adapter
+
+    quant = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    run = make_run(tmp_path, tiny_model_dir, tiny_tokenizer, quantization=quant)
+    merge_adapter(run, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    llm = open_gguf(gguf_file(export(run, tmp_path / "gguf", "--dtype", "f32")))
+    try:
+        assert compare(llm, merged, tiny_tokenizer, greedy=True) <= TOLERANCE["f32"]
+        assert compare(llm, with_adapter(tiny_model_dir, run), tiny_tokenizer, greedy=False) > 1e-3
+    finally:
+        llm.close()
+
+
 def test_q8_0_keeps_tensors_of_odd_width_in_f16(tmp_path, tiny_tokenizer, capsys):
     import gguf
     from conftest import build_tiny_llama
