@@ -279,6 +279,7 @@ def export(
 ) -> None:
     """Export a run, adapter or model as GGUF for llama.cpp, Ollama and LM Studio (a run is merged on the fly).
 
+    \b
     Example:  lorafit export runs/tiny-quickstart --out gguf/tiny --dtype q8_0
     Then:     ollama create tiny -f gguf/tiny/Modelfile
     Adapter:  lorafit export runs/tiny-quickstart --out gguf/tiny-lora --format gguf-lora
