@@ -422,3 +422,46 @@ def test_split_pre_tokenizers_tokenize_as_llama_cpp(pre, tmp_path, tiny_model_di
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == fast(text)["input_ids"]
     finally:
         llm.close()
+
+
+def sentencepiece_style_tokenizer():
+    """A tokenizer laid out as Llama 2's / Mistral's tokenizer.json: "▁" for spaces by the normalizer (with one
+    put in front), BPE with byte fallback to <0xNN> pieces, and a merge for every split of every piece, in the
+    pieces' order (as transformers' SentencePiece converter writes them)."""
+    from conftest import CORPUS
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = "\u2581"
+    trainer = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="never")
+    trainer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    pieces = [p for p, _ in sorted(trainer.get_vocab().items(), key=lambda item: item[1]) if p != "<unk>"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = [(p[:k], p[k:]) for p in pieces for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+    tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_tokenizes_as_llama_cpp(tmp_path):
+    """Llama 2 / Mistral-style tokenizers go in as llama.cpp's SentencePiece model: same ids as transformers, byte
+    fallback for characters the vocabulary lacks, one BOS."""
+    from conftest import build_tiny_llama
+
+    fast = sentencepiece_style_tokenizer()
+    path = tmp_path / "spm"
+    fast.save_pretrained(path)
+    build_tiny_llama(len(load_tokenizer(str(path)))).save_pretrained(path)
+    llm = open_gguf(gguf_file(export(path, tmp_path / "o", "--dtype", "f32")), vocab_only=True)
+    try:
+        assert llm.metadata["tokenizer.ggml.model"] == "llama"
+        for text in ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
+                     "  two  spaces, café €5 — done", "Reverse the word: stone -> enots."]:
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == fast(text)["input_ids"], text
+    finally:
+        llm.close()
