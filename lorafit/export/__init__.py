@@ -110,9 +110,9 @@ def export_merged(src, out: Path, dtype: str, console) -> ExportReport:
         writer = new_writer(tmp / name, arch.gguf_arch, out.name)
         rope_freqs = write_hparams(writer, config, file_type(dtype), len(vocab.tokens))
         write_vocab(writer, vocab)
-        tensors = list(gguf_tensors(model.state_dict(), config, arch))
+        tensors = gguf_tensors(model.state_dict(), config, arch)
         if rope_freqs is not None:
-            tensors.append(("rope_freqs.weight", rope_freqs))
+            tensors.append(("rope_freqs.weight", rope_freqs.shape, lambda: rope_freqs))
         report.kept_f16 = write_file(writer, tensors, dtype, console)
         (tmp / "Modelfile").write_text(modelfile_text(name, src, tokenizer, stops))
         report.size = (tmp / name).stat().st_size

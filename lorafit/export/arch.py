@@ -14,7 +14,9 @@ llama.cpp's NeoX-style rotation, which is the halves form: no reordering.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -148,8 +150,10 @@ def tensor_names(gguf_arch: str, n_blocks: int):
     return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gguf_arch), n_blocks)
 
 
-def gguf_tensors(state: dict, config, arch: Architecture):
-    """(GGUF name, float32 array) for each tensor llama.cpp loads, q/k reordered for the llama family.
+def gguf_tensors(state: dict, config, arch: Architecture) -> list[tuple[str, tuple[int, ...], Callable]]:
+    """(GGUF name, shape, load) for each tensor llama.cpp loads; load() gives its float32 array, q/k reordered for
+    the llama family. Arrays are made one at a time as the file is written, so the export holds at most one
+    converted tensor beside the model.
 
     A tied output head is left out: llama.cpp reads token_embd for it when output.weight is absent.
 
@@ -160,18 +164,19 @@ def gguf_tensors(state: dict, config, arch: Architecture):
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = getattr(config, "tie_word_embeddings", False)
+    out = []
     for hf_name, tensor in state.items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        if hf_name.endswith("rotary_emb.inv_freq"):
+        if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LorafitError(f"export: tensor {hf_name} has no GGUF name for llama.cpp's {arch.gguf_arch.lower()} "
                                f"architecture")
-        data = tensor.detach().float().cpu().numpy()
-        if arch.permute_qk and ".attn_q." in name:
-            data = permute_qk(data, n_head)
-        elif arch.permute_qk and ".attn_k." in name:
-            data = permute_qk(data, n_kv)
-        yield name, data
+        heads = (n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None) if arch.permute_qk else None
+        out.append((name, tuple(tensor.shape), partial(_as_array, tensor, heads)))
+    return out
+
+
+def _as_array(tensor, heads: int | None) -> np.ndarray:
+    data = tensor.detach().float().cpu().numpy()
+    return data if heads is None else permute_qk(data, heads)

@@ -114,6 +114,7 @@ def export_lora(src, out: Path, dtype: str, console):
     model = load_full_precision_base(src, [])  # the original weights: the adapter's names, shapes and config
     load_adapter(model, src.adapter_dir, dropout=0.0)
     tensors, ranks = lora_tensors(model, model.config, arch)
+    tensors = [(n, a.shape, lambda a=a: a) for n, a in tensors]
     name = f"{out.name}-{dtype}.gguf"
     report = ExportReport(out / name, 0, dtype, "gguf-lora")
 

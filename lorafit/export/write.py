@@ -8,6 +8,8 @@ a multiple of 32 cannot be packed and is written in f16 instead (what llama.cpp'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 QTYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -30,40 +32,42 @@ def new_writer(path, gguf_arch: str, name: str):
     return writer
 
 
-def convert(data: np.ndarray, dtype: str):
-    """(array, GGMLQuantizationType, fell_back_to_f16) for one float32 tensor."""
+def plan(shape: tuple[int, ...], dtype: str):
+    """(GGMLQuantizationType, kept_in_f16) of a tensor of `shape` in a `dtype` file."""
     import gguf
 
-    if data.ndim <= 1 or dtype == "f32":
-        return data.astype(np.float32, copy=False), gguf.GGMLQuantizationType.F32, False
+    if len(shape) <= 1 or dtype == "f32":
+        return gguf.GGMLQuantizationType.F32, False
     qtype = getattr(gguf.GGMLQuantizationType, QTYPE_NAMES[dtype])
-    try:
-        return gguf.quants.quantize(data, qtype), qtype, False
-    except gguf.QuantError:
-        return data.astype(np.float16), gguf.GGMLQuantizationType.F16, True
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:  # what gguf.quants refuses; llama.cpp's converter then writes f16
+        return gguf.GGMLQuantizationType.F16, True
+    return qtype, False
 
 
-def write_file(writer, tensors: list[tuple[str, np.ndarray]], dtype: str, console) -> list[str]:
-    """Convert each (name, float32 array) to `dtype`, add it, and write the whole file, with a progress bar.
+def write_file(writer, tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype: str,
+               console) -> list[str]:
+    """Write the file: metadata, then each (name, shape, load) tensor converted to `dtype` and written in turn
+    (one converted tensor in memory at a time), with a progress bar.
 
     Returns:
         The names of the tensors kept in f16 (q8_0 only).
     """
+    import gguf
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    kept = []
+    plans = [plan(shape, dtype) for _, shape, _ in tensors]
+    for (name, shape, _), (qtype, _) in zip(tensors, plans):
+        nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=not console.is_terminal) as progress:
-        task = progress.add_task(f"writing GGUF ({dtype})", total=len(tensors) + 1)
-        for name, data in tensors:
-            array, qtype, fell_back = convert(data, dtype)
-            if fell_back:
-                kept.append(name)
-            writer.add_tensor(name, array, raw_dtype=qtype)
+        task = progress.add_task(f"writing GGUF ({dtype})", total=len(tensors))
+        for (_, _, load), (qtype, _) in zip(tensors, plans):
+            writer.write_tensor_data(gguf.quants.quantize(load(), qtype))
             progress.advance(task)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        progress.advance(task)
-    return kept
+    writer.close()
+    return [name for (name, _, _), (_, kept) in zip(tensors, plans) if kept]
