@@ -465,3 +465,41 @@ def test_sentencepiece_style_tokenizer_tokenizes_as_llama_cpp(tmp_path):
             assert llm.tokenize(text.encode(), add_bos=True, special=False) == fast(text)["input_ids"], text
     finally:
         llm.close()
+
+
+@pytest.mark.slow
+def test_run_that_added_tokens_exports_its_grown_vocabulary_and_stops_at_its_end_token(tmp_path, learnable_model_dir,
+                                                                                      capsys):
+    """model.add_tokens (issue 21): the GGUF has the grown vocabulary, the new end-of-turn token is llama.cpp's
+    end of generation and an Ollama stop, and llama.cpp equals transformers on `lorafit merge`'s output; the LoRA
+    GGUF, which cannot hold token rows, is refused."""
+    from test_tokens import TURN_TEMPLATE, _override, token_config
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.merge import merge_adapter
+
+    config = _override(token_config(tmp_path, learnable_model_dir), model__add_tokens=["<|turn|>", "<|end|>"],
+                       data__chat_template=TURN_TEMPLATE, train__max_steps=3)
+    assert run_cli("train", str(config)) == 0
+    run = tmp_path / "run"
+    tokenizer = load_tokenizer(str(run / "adapter"))
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    merge_adapter(run, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    out = export(run, tmp_path / "gguf", "--dtype", "f32")
+    assert 'PARAMETER stop "<|end|>"' in (out / "Modelfile").read_text()
+    llm = open_gguf(gguf_file(out))
+    try:
+        assert llm.n_vocab() == len(tokenizer) == merged.get_input_embeddings().weight.shape[0]
+        assert llama_cpp.llama_vocab_is_eog(llm._model.vocab, end)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Repeat: stone"}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+        assert rel(llama_logits(llm, ids), hf_logits(merged, ids)) <= TOLERANCE["f32"]
+        assert compare(llm, merged, tokenizer, greedy=True) <= TOLERANCE["f32"]
+    finally:
+        llm.close()
+    capsys.readouterr()
+    assert run_cli("export", str(run), "--out", str(tmp_path / "lora"), "--format", "gguf-lora") == 2
+    assert "token rows" in capsys.readouterr().err

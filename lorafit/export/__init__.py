@@ -150,6 +150,7 @@ def merged_model(src, tokenizer, console):
         quantized_layer_names,
         sample_inputs,
     )
+    from lorafit.model import align_model_with_tokenizer
 
     if src.adapter_dir is None:
         return load_full_precision_base(src, []), None
@@ -157,6 +158,7 @@ def merged_model(src, tokenizer, console):
     names = quantized_layer_names(src, samples)[0] if src.quantization else []
     console.print(f"merging {src.adapter_dir} into {src.model.path} (float32)")
     model = load_full_precision_base(src, names)
+    align_model_with_tokenizer(model, tokenizer)  # a run that added tokens: the base grown to its tokenizer
     load_adapter(model, src.adapter_dir, dropout=0.0)
     reference = logits_of(model, samples)
     fold_adapter(model)

@@ -38,6 +38,11 @@ def check_method(src) -> None:
     if kind not in ("LORA", "ADALORA"):
         raise LorafitError(f"--format gguf-lora: a {kind.lower()} adapter is not a LoRA llama.cpp can apply "
                            f"(supported: lora, lora_fa, pissa / olora, adalora); {REFUSED}")
+    whole = [what for what, key in (("trained token rows", "trainable_token_indices"),
+                                    ("modules_to_save", "modules_to_save")) if config.get(key)]
+    if whole:
+        raise LorafitError(f"--format gguf-lora: this adapter also carries {' and '.join(whole)} (whole embedding / "
+                           f"head rows or modules, which a llama.cpp LoRA cannot hold); {REFUSED}")
 
 
 @torch.no_grad()
