@@ -356,7 +356,8 @@ def test_dora_run_exports_merged(tmp_path, tiny_model_dir, tiny_tokenizer):
         llm.close()
 
 
-def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, zoo_model, llama_run, capsys):
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, zoo_model, llama_run, capsys, tiny_model_dir,
+                                                               tiny_tokenizer):
     gpt2 = zoo_model("gpt2")
     assert run_cli("export", str(gpt2), "--out", str(tmp_path / "g")) == 2
     err = capsys.readouterr().err
@@ -370,6 +371,16 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, zoo_mod
     assert run_cli("export", str(tmp_path / "missing"), "--out", str(tmp_path / "y")) == 2
     assert "no such directory" in capsys.readouterr().err
     assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # a run whose merge would fail: its base model is gone
+    import shutil
+
+    base = tmp_path / "base-copy"
+    shutil.copytree(tiny_model_dir, base)
+    orphan = make_run(tmp_path, base, tiny_tokenizer, name="orphan")
+    shutil.rmtree(base)
+    assert run_cli("export", str(orphan), "--out", str(tmp_path / "z")) == 2
+    err = capsys.readouterr().err
+    assert str(base) in err and "Traceback" not in err and not (tmp_path / "z").exists()
     assert not list(tmp_path.glob(".*tmp*"))
 
 
