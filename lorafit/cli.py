@@ -300,6 +300,41 @@ def serve(
                   threads=threads)
 
 
+class ExportFormat(str, Enum):
+    gguf = "gguf"
+    gguf_lora = "gguf-lora"
+
+
+class ExportDtype(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run, adapter or model directory.", show_default=False,
+                                  metavar="SOURCE"),
+    out: Path = typer.Option(..., "--out", help="New folder for the GGUF file (must not exist or be empty).",
+                             show_default=False),
+    fmt: ExportFormat = typer.Option(ExportFormat.gguf, "--format",
+                                     help="gguf: the merged model + an Ollama Modelfile; gguf-lora: the adapter "
+                                          "alone, for llama.cpp's --lora."),
+    dtype: ExportDtype = typer.Option(ExportDtype.f16, "--dtype", help="Tensor type (1-D tensors stay f32)."),
+) -> None:
+    """Export a run, adapter or model as GGUF for llama.cpp, Ollama and LM Studio (a run is merged on the fly).
+
+    \b
+    Example:  lorafit export runs/tiny-quickstart --out gguf/tiny --dtype q8_0
+    Then:     ollama create tiny -f gguf/tiny/Modelfile
+    Adapter:  lorafit export runs/tiny-quickstart --out gguf/tiny-lora --format gguf-lora
+    """
+    from lorafit.export import export as export_source
+
+    export_source(source, out, fmt=fmt.value, dtype=dtype.value, console=_console())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: user errors exit 2 with one message, interrupts 130, anything else 1 (traceback with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from lorafit.cli import app, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "validate", "data", "merge", "eval", "generate"]
+COMMANDS = ["train", "validate", "data", "merge", "eval", "generate", "export"]
 
 
 def run_main(args: list[str], capsys) -> tuple[int, str, str]:
