@@ -17,7 +17,7 @@ which for a single batch is exactly TRL's `mean(losses) + weight · nll_mean`. T
   robust   (−(1−ε)·logσ(βΔ) + ε·logσ(−βΔ)) / (1 − 2ε)
 - simpo (no reference): m = mean log πθ(yw) − mean log πθ(yl);  −(1−ε)·logσ(β(m − γ/β)) − ε·logσ(−β(m − γ/β))
 - orpo (no reference): with mean log-probs pw, pl, log odds = (pw − pl) − (log(1−e^pw) − log(1−e^pl));
-  NLL(chosen) − β·logσ(log odds)
+  NLL(chosen prompt + answer, as TRL) − β·logσ(log odds)
 - kto: z = clamp(mean over the batch of log πθ(y'|x) − log πref(y'|x), 0), detached, on mismatched pairs (x, y');
   desirable 1 − σ(β(r − z)), undesirable 1 − σ(β(z − r)), r = log πθ(y|x) − log πref(y|x), weighted.
 
@@ -52,6 +52,8 @@ class SeqLogps:
     desirable: torch.Tensor | None = None  # kto: (n,) bool
     kl: torch.Tensor | None = None  # kto: (n,) policy sums on the mismatched pairs, no gradient
     ref_kl: torch.Tensor | None = None  # kto: (n,) reference sums on the mismatched pairs
+    prompt_logps: torch.Tensor | None = None  # orpo: (P,) the chosen prompts' sums (its NLL covers them, as TRL's)
+    prompt_tokens: torch.Tensor | None = None  # orpo: (P,)
 
 
 @dataclass
@@ -122,6 +124,11 @@ class Objective:
     def paired(self) -> bool:
         return PAIRED[self.name]
 
+    @property
+    def scores_prompt(self) -> bool:
+        """orpo's NLL term covers the chosen prompt too (TRL: "computed over the full prompt and response")."""
+        return self.name == "orpo"
+
     def batch_statistic(self, s: SeqLogps) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(sum, count) of a batch-wide value the loss needs, reduced across processes by the caller; kto: its KL."""
         if self.name != "kto":
@@ -148,8 +155,11 @@ class Objective:
         else:
             raise ValueError(f"unknown objective {self.name!r}")
         weight = 1.0 if self.name == "orpo" else self.sft_weight
+        nll_tokens = int(nc.sum())
+        if s.prompt_logps is not None:
+            nll, nll_tokens = nll - s.prompt_logps.sum(), nll_tokens + int(s.prompt_tokens.sum())
         if weight:
-            out.nll_sum, out.nll_tokens, out.nll_weight = nll, int(nc.sum()), weight
+            out.nll_sum, out.nll_tokens, out.nll_weight = nll, nll_tokens, weight
         return out
 
     def _dpo(self, chosen, rejected, ref_chosen, ref_rejected, nc, nr) -> Terms:

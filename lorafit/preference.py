@@ -107,13 +107,18 @@ def batch_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     from lorafit.loss import sequence_logps
 
     inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
-    return sequence_logps(model, inputs, batch["labels"], batch["seq_index"], batch["input_ids"].size(0))
+    return sequence_logps(model, inputs, batch["labels"], batch["seq_index"], int(batch["n_seqs"]))
 
 
 def seq_logps(objective: Objective, logps, tokens, ref, desirable) -> SeqLogps:
-    """The objective's view of a micro-batch's 2P sequences: kto reads the second half as its KL pairs."""
+    """The objective's view of a micro-batch's 2P (orpo: 3P, the chosen prompts last) sequences: kto reads the
+    second half as its KL pairs."""
     if objective.paired:
-        return SeqLogps(logps, tokens, ref)
+        p = (logps.numel() // 3) if objective.scores_prompt else logps.numel() // 2
+        extra = slice(2 * p, None)
+        return SeqLogps(logps[: 2 * p], tokens[: 2 * p], None if ref is None else ref[: 2 * p],
+                        prompt_logps=logps[extra] if objective.scores_prompt else None,
+                        prompt_tokens=tokens[extra] if objective.scores_prompt else None)
     p = logps.numel() // 2
     return SeqLogps(logps[:p], tokens[:p], None if ref is None else ref[:p], desirable,
                     logps[p:].detach(), None if ref is None else ref[p:])
@@ -183,7 +188,7 @@ class PreferenceSteps:
         out = torch.zeros(len(items), 2, dtype=torch.float32)
         for start in range(0, len(items), batch_size):
             part = items[start: start + batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate_items(part, self.pad_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in collate_items(part, self.pad_id).items()}  # no prompts
             with accelerator.autocast(), self.reference.active(parallel.unwrap(model)) as m:
                 logps = batch_logps(m, batch)[0].float().cpu()
             out[start: start + len(part)] = logps.view(2, -1).t()
@@ -237,7 +242,8 @@ class PreferenceSteps:
         order = schedule.epoch_order(len(self.train_items), t.seed, epoch)
         ids = schedule.micro_batches(order, step_in_epoch, t.batch_size, t.grad_accum, acc.process_index,
                                      acc.num_processes)
-        batches = [collate_items([self.train_items[i] for i in mb], self.pad_id) for mb in ids]
+        batches = [collate_items([self.train_items[i] for i in mb], self.pad_id, self.objective.scores_prompt)
+                   for mb in ids]
         lengths = sum(len(s.input_ids) for mb in ids for i in mb
                       for s in (self.train_items[i].first, self.train_items[i].second))
         n_items, n_chosen, tokens = self._counts(batches, lengths, acc)
@@ -317,7 +323,8 @@ def evaluate_items(steps: PreferenceSteps, model, accelerator, items, batch_size
         k = rank + j * world
         use = k < len(starts)
         ids = list(range(starts[k if use else 0], min(starts[k if use else 0] + batch_size, len(items))))
-        batch = {key: v.to(accelerator.device) for key, v in collate_items([items[i] for i in ids], steps.pad_id).items()}
+        batch = collate_items([items[i] for i in ids], steps.pad_id, steps.objective.scores_prompt)
+        batch = {key: v.to(accelerator.device) for key, v in batch.items()}
         with accelerator.autocast():
             terms, _ = steps._terms(model, batch, split, ids, accelerator, reduce_statistic=False)
         scale = 1.0 if use else 0.0  # every rank adds the same metric names, so the reductions match

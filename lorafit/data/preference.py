@@ -334,25 +334,38 @@ def items_fingerprint(items: list[PrefItem]) -> str:
 # ------------------------------------------------------------------------------------------------ batches
 
 
-def collate_items(items: list[PrefItem], pad_id: int | None) -> dict[str, torch.Tensor]:
+def collate_items(items: list[PrefItem], pad_id: int | None, score_prompts: bool = False) -> dict[str, torch.Tensor]:
     """One micro-batch of P items as 2P right-padded sequences [first..., second...].
 
+    Args:
+        items: the micro-batch.
+        pad_id: the id written in padding (never attended to by real tokens, never scored).
+        score_prompts: also score the first sequences' prompt tokens, as sequences 2P..3P-1 of their own (orpo's NLL
+            covers the chosen prompt and answer, as TRL's).
+
     Returns:
-        {"input_ids", "labels", "position_ids", "seq_index"} (2P, T) int64, and "desirable" (P,) bool for kto rows.
+        {"input_ids", "labels", "position_ids", "seq_index"} (2P, T) int64, "n_seqs" (the sequences scored: 2P or
+        3P), and "desirable" (P,) bool for kto rows.
     """
     import torch
 
     seqs = [it.first for it in items] + [it.second for it in items]
     width = max(len(s.input_ids) for s in seqs)
     pad = 0 if pad_id is None else pad_id
-    ids, labels, positions = [], [], []
-    for s in seqs:
+    ids, labels, positions, owners = [], [], [], []
+    for i, s in enumerate(seqs):
         n = width - len(s.input_ids)
         ids.append(s.input_ids + [pad] * n)
-        labels.append(s.labels + [IGNORE_INDEX] * n)
+        row = list(s.labels)
+        owner = [i] * width
+        if score_prompts and i < len(items):
+            row[: s.prompt] = s.input_ids[: s.prompt]
+            owner[: s.prompt] = [2 * len(items) + i] * s.prompt
+        labels.append(row + [IGNORE_INDEX] * n)
+        owners.append(owner)
         positions.append(list(range(len(s.input_ids))) + list(range(n)))  # padding: a segment of its own
     out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),
-           "seq_index": torch.arange(len(seqs)).unsqueeze(1).expand(-1, width).contiguous()}
+           "seq_index": torch.tensor(owners), "n_seqs": torch.tensor((3 if score_prompts else 2) * len(items))}
     if items and items[0].desirable is not None:
         out["desirable"] = torch.tensor([bool(it.desirable) for it in items])
     return out
