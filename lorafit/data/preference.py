@@ -67,6 +67,7 @@ class PrefAudit:
     eval_items: int = 0
     dropped_prompt: int = 0  # the prompt alone fills data.max_length
     truncated: int = 0  # a completion cut at data.max_length
+    dropped_identical: int = 0  # chosen and rejected the same tokens after truncation
     tokens: int = 0
     desirable: int = 0  # kto
     undesirable: int = 0
@@ -77,7 +78,7 @@ class PrefAudit:
         kind = (f"{self.desirable:,} desirable / {self.undesirable:,} undesirable rows" if self.desirable or
                 self.undesirable else f"{self.items:,} pairs")
         return (f"{kind} ({self.items:,} train / {self.eval_items:,} eval), {self.tokens:,} tokens, "
-                f"{self.truncated:,} truncated, {self.dropped_prompt:,} dropped (prompt fills max_length)")
+                f"{self.truncated:,} truncated, {self.dropped_prompt + self.dropped_identical:,} dropped")
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -235,6 +236,9 @@ def tokenize_preference(sources: list[DataSource], tokenizer, data_cfg: DataConf
                 if first is None or second is None:
                     audit.dropped_prompt += 1
                     continue
+                if not kto and first.input_ids == second.input_ids:  # different texts, the same tokens once cut
+                    audit.dropped_identical += 1
+                    continue
                 audit.truncated += cut1 or cut2
                 items.append(PrefItem(first, second, desirable, si, ri))
     return items, rows_per_source
@@ -297,6 +301,9 @@ def build_preference_datasets(data_cfg: DataConfig, tokenizer, *, seed: int, kto
     if audit.dropped_prompt:
         audit.warnings.append(f"{audit.dropped_prompt} item(s) dropped: the prompt alone fills data.max_length "
                               f"({data_cfg.max_length})")
+    if audit.dropped_identical:
+        audit.warnings.append(f"{audit.dropped_identical} pair(s) dropped: chosen and rejected are the same tokens "
+                              f"once cut at data.max_length ({data_cfg.max_length})")
     if audit.truncated:
         audit.warnings.append(f"{audit.truncated} item(s) truncated at data.max_length ({data_cfg.max_length}): "
                               "their answers lose their end, and with it the end token")
@@ -369,3 +376,37 @@ def collate_items(items: list[PrefItem], pad_id: int | None, score_prompts: bool
     if items and items[0].desirable is not None:
         out["desirable"] = torch.tensor([bool(it.desirable) for it in items])
     return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def print_preference_report(cfg, tokenizer, console, n_items: int = 3) -> None:
+    """`lorafit data` of a preference run: a few items with the scored tokens of both sequences highlighted, the
+    lengths and the audit (dropped, truncated, identical); raises the data's DataError after printing what it can."""
+    from rich.panel import Panel
+
+    from lorafit.data.formats import Example
+    from lorafit.data.report import PROMPT_STYLE, TRAINED_STYLE, length_histogram, render_example
+
+    kto = cfg.train.objective == "kto"
+    train, _, audit = build_preference_datasets(cfg.data, tokenizer, seed=cfg.train.seed, kto=kto,
+                                                kl_group=cfg.train.batch_size)
+    names = ("completion", "mismatched (KL)") if kto else ("chosen", "rejected")
+    for it in train[:n_items]:
+        label = "" if it.desirable is None else (" desirable" if it.desirable else " undesirable")
+        for name, s in zip(names, (it.first, it.second), strict=True):
+            scored = sum(x != IGNORE_INDEX for x in s.labels[1:])
+            title = (f"{cfg.data.train[it.source].path} row {it.row + 1}{label}, {name}: {len(s.input_ids)} tokens, "
+                     f"{scored} scored")
+            console.print(Panel(render_example(tokenizer, Example(s.input_ids, s.labels)), title=title,
+                                title_align="left"))
+    console.print(f"[{TRAINED_STYLE}]scored[/] [{PROMPT_STYLE}]prompt (not scored)[/]")
+    console.print("token lengths (sequences):")
+    lengths = [len(s.input_ids) for it in train for s in (it.first, it.second)]
+    for line in length_histogram(lengths, cfg.data.max_length):
+        console.print(line, highlight=False)
+    console.print(f"data: {audit.rows:,} rows read; {audit}", highlight=False)
+    for w in audit.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print("[green]data ok[/]")
