@@ -56,10 +56,11 @@ def build_data(cfg, tokenizer):
                                      kl_group=cfg.train.batch_size)
 
 
-def starting_adapter(cfg) -> Any:
-    """adapter.from when the config has it (the lineage feature), else None."""
-    data = cfg.adapter.model_dump(by_alias=True)
-    return data.get("from") or data.get("from_")
+def starting_adapter(cfg) -> Path | None:
+    """The adapter folder of adapter.from (the run continues it: the reference is base + it), else None."""
+    from lorafit.adapters.peft_io import adapter_dir_of
+
+    return adapter_dir_of(cfg.adapter.from_) if cfg.adapter.from_ else None
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -200,7 +201,7 @@ class PreferenceSteps:
         frm = starting_adapter(cfg)
         frm_id = None
         if frm:
-            files = sorted(Path(frm).rglob("*.safetensors"))
+            files = sorted(frm.glob("*.safetensors"))
             frm_id = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         key = {"model": cfg.model.model_dump(mode="json"), "reference": self.reference.mode, "from": frm_id,
                "adapter": cfg.adapter.model_dump(mode="json") if self.reference.mode == "snapshot" else None,

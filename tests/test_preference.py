@@ -243,3 +243,20 @@ def test_eval_pairs_are_scored_at_the_end(tmp_path, learnable_model_dir):
     last = metrics(tmp_path / "run")[-1]
     assert {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_items"} <= set(last)
     assert last["eval_items"] == 3
+
+
+@pytest.mark.slow
+def test_continuing_an_adapter_uses_it_as_the_reference(tmp_path, learnable_model_dir, capsys):
+    """adapter.from: the reference is base + the starting adapter (never the bare base), so the first dpo loss is
+    ln 2 again and the rewards start at 0, although the parent's adapter is far from zero."""
+    parent = make_config(tmp_path, learnable_model_dir, name="parent", max_steps=4, lr=5e-2)
+    assert train(parent) == 0
+    assert any(t.abs().sum() > 0 for k, t in adapter_tensors(tmp_path / "parent").items() if "lora_B" in k)
+    child = make_config(tmp_path, learnable_model_dir, name="child", max_steps=2)
+    child.write_text(child.read_text().replace("  r: 4\n  alpha: 12\n", f"  from: {tmp_path / 'parent'}\n"))
+    assert train(child) == 0
+    assert "reference: snapshot" in capsys.readouterr().out
+    first = metrics(tmp_path / "child")[0]
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics(tmp_path / "parent")[-1]["rewards/margins"] > 0.05  # the parent moved away from the base

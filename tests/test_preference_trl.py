@@ -47,7 +47,7 @@ def models(tmp_path, tiny_tokenizer):
     """(PEFT model, lorafit model) with the same random LoRA weights on q, v and down projections; dropout 0."""
     from peft import LoraConfig, get_peft_model
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     vocab = len(tiny_tokenizer)
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
@@ -128,7 +128,7 @@ class _Cfg:
     moves the start away from the base (pissa, or continuing an adapter) takes a snapshot."""
 
     def __init__(self, init: str = "default"):
-        self.adapter = type("A", (), {"init": init, "model_dump": staticmethod(lambda **_: {})})()
+        self.adapter = type("A", (), {"init": init, "from_": None})()
         self.model = None
 
 
@@ -305,7 +305,7 @@ def test_fresh_adapter_reference_is_the_adapter_off_as_trl_with_peft_config(tmp_
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from lorafit.checkpoint import load_adapter
+    from lorafit.adapters.peft_io import load_adapter
 
     vocab = len(tiny_tokenizer)
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
