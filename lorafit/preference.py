@@ -357,3 +357,84 @@ def check_items_fit(train_items, cfg) -> None:
     """kto's KL needs two rows per micro-batch group; refuse a training set too small for it."""
     if cfg.train.objective == "kto" and len(train_items) < 2:
         raise LorafitError("kto needs at least 2 training rows (its KL term pairs rows of a micro-batch)")
+
+
+# ------------------------------------------------------------------------------------------------ lorafit eval
+
+
+@torch.no_grad()
+def item_logps(model, items, pad_id: int | None, batch_size: int) -> torch.Tensor:
+    """(items, 2) summed log-probs of each item's two sequences under `model` as it is now (eval mode)."""
+    from lorafit.data.preference import collate_items
+
+    device = next(model.parameters()).device
+    out = torch.zeros(len(items), 2, dtype=torch.float64)
+    for start in range(0, len(items), batch_size):
+        part = items[start: start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_items(part, pad_id).items()}
+        out[start: start + len(part)] = batch_logps(model, batch)[0].double().cpu().view(2, -1).t()
+    return out
+
+
+def pair_summary(scores: torch.Tensor, reference: torch.Tensor | None, beta: float, desirable=None) -> dict[str, Any]:
+    """`lorafit eval` figures of one model from its (items, 2) log-probs: pairs: pair accuracy (chosen's summed
+    log-prob above rejected's) and mean margin; against a reference, reward accuracy and margin (β · log-ratios,
+    TRL's rewards). kto rows: the mean reward of desirable and undesirable rows."""
+    if desirable is not None:
+        out: dict[str, Any] = {"rows": scores.size(0)}
+        if reference is not None:
+            r = beta * (scores[:, 0] - reference[:, 0])
+            good = torch.as_tensor(desirable, dtype=torch.bool)
+            out.update(reward_desirable=float(r[good].mean()), reward_undesirable=float(r[~good].mean()))
+        return out
+    diff = scores[:, 0] - scores[:, 1]
+    out = {"pairs": scores.size(0), "pair_accuracy": float((diff > 0).double().mean()), "margin": float(diff.mean())}
+    if reference is not None:
+        rewards = beta * ((scores[:, 0] - reference[:, 0]) - (scores[:, 1] - reference[:, 1]))
+        out.update(reward_accuracy=float((rewards > 0).double().mean()), reward_margin=float(rewards.mean()))
+    return out
+
+
+def evaluate_preferences(config, tokenizer, variants) -> dict[str, Any]:
+    """`lorafit eval` of a preference run on its eval items: base and adapter, each its pair accuracy and margin;
+    the adapter's reward accuracy against the run's reference (the base, or base + adapter.from's adapter).
+
+    Args:
+        config: the run's config (its data and objective).
+        tokenizer: the run's tokenizer.
+        variants: {"base", "adapter", "reference"}: (model, a context manager factory putting it in that state).
+
+    Returns:
+        {"objective", "base": {"pairs", "pair_accuracy", "margin"}, "adapter": {... + "reward_accuracy",
+        "reward_margin"}} (kto rows: "rows", and the adapter's "reward_desirable" / "reward_undesirable").
+    """
+    _, eval_items, _ = build_data(config, tokenizer)
+    if not eval_items:
+        raise LorafitError("the run's eval data has no usable item (see lorafit data CONFIG)")
+    objective = objective_of(config)
+    desirable = [bool(it.desirable) for it in eval_items] if not objective.paired else None
+    scores = {}
+    for name in ("base", "adapter", "reference"):
+        model, context = variants[name]
+        with context():
+            scores[name] = item_logps(model, eval_items, tokenizer.pad_token_id, config.train.batch_size)
+    ref = scores["reference"] if objective.needs_reference else scores["base"]
+    return {"objective": objective.name,
+            "base": pair_summary(scores["base"], None, objective.beta, desirable),
+            "adapter": pair_summary(scores["adapter"], ref, objective.beta, desirable)}
+
+
+def print_preference_results(console, results: dict[str, Any], adapter: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{results['objective']} eval: base vs {adapter}")
+    table.add_column("")
+    table.add_column("base", justify="right")
+    table.add_column("adapter", justify="right")
+    b, a = results["base"], results["adapter"]
+    for key, label in (("pair_accuracy", "pair accuracy (chosen above rejected)"), ("margin", "mean log-prob margin"),
+                       ("reward_accuracy", "reward accuracy vs the reference"), ("reward_margin", "reward margin"),
+                       ("reward_desirable", "reward, desirable rows"), ("reward_undesirable", "reward, undesirable")):
+        if key in a or key in b:
+            table.add_row(label, f"{b[key]:.4f}" if key in b else "—", f"{a[key]:.4f}" if key in a else "—")
+    console.print(table)

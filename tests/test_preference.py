@@ -237,12 +237,21 @@ def test_resume_mid_run_gives_the_uninterrupted_adapter(tmp_path, learnable_mode
 
 
 @pytest.mark.slow
-def test_eval_pairs_are_scored_at_the_end(tmp_path, learnable_model_dir):
-    config = make_config(tmp_path, learnable_model_dir, max_steps=2)
+def test_eval_pairs_are_scored_at_the_end_and_lorafit_eval_agrees(tmp_path, learnable_model_dir, capsys):
+    config = make_config(tmp_path, learnable_model_dir, max_steps=3)
     assert train(config, "data.eval_fraction=0.25") == 0
     last = metrics(tmp_path / "run")[-1]
     assert {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_items"} <= set(last)
     assert last["eval_items"] == 3
+    assert run_cli("eval", str(tmp_path / "run"), "--json", str(tmp_path / "eval.json")) == 0
+    assert "reward accuracy vs the reference" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["objective"] == "dpo" and result["base"]["pairs"] == result["adapter"]["pairs"] == 3
+    # `lorafit eval` loads the saved adapter afresh; its rewards are the run's own final eval figures
+    assert result["adapter"]["reward_accuracy"] == pytest.approx(last["eval_rewards/accuracies"])
+    assert result["adapter"]["reward_margin"] == pytest.approx(last["eval_rewards/margins"], rel=1e-4)
+    assert result["adapter"]["margin"] - result["base"]["margin"] == pytest.approx(
+        result["adapter"]["reward_margin"] / 0.1, rel=1e-4)  # rewards: β × the change of the pair's margin
 
 
 @pytest.mark.slow
