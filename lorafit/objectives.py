@@ -160,6 +160,7 @@ class Objective:
             nll, nll_tokens = nll - s.prompt_logps.sum(), nll_tokens + int(s.prompt_tokens.sum())
         if weight:
             out.nll_sum, out.nll_tokens, out.nll_weight = nll, nll_tokens, weight
+            out.stats["nll_loss"] = (nll.detach().float(), torch.tensor(float(nll_tokens), device=nll.device))
         return out
 
     def _dpo(self, chosen, rejected, ref_chosen, ref_rejected, nc, nr) -> Terms:

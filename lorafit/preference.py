@@ -341,15 +341,13 @@ def evaluate_items(steps: PreferenceSteps, model, accelerator, items, batch_size
     total = accelerator.reduce(torch.cat([loss_sum.view(1), counts, nll.view(1)]), reduction="sum").tolist()
     loss = total[0] / total[1] + (weight * total[3] / total[2] if total[2] else 0.0) if total[1] else float("nan")
     names = ["rewards/accuracies", "rewards/chosen", "rewards/margins", "rewards/rejected", "logps/chosen",
-             "logps/rejected", "kl", "log_odds_ratio", "log_odds_chosen"]
+             "logps/rejected", "kl", "log_odds_ratio", "log_odds_chosen", "nll_loss"]
     have = [n for n in names if n in sums] if sums else []
     out = {"loss": loss, "items": int(total[1])}
     if have:
         local = torch.stack([torch.stack(sums[n]) for n in have])
         red = accelerator.reduce(local, reduction="sum").tolist()
         out.update(finish_metrics({n: tuple(red[i]) for i, n in enumerate(have)}))
-    if weight:
-        out["nll_loss"] = total[3] / total[2] if total[2] else float("nan")
     return out
 
 

@@ -234,7 +234,8 @@ def test_simpo_equals_trl_cpo_trainer(tmp_path, tiny_tokenizer, models, sft_weig
     ours_loss, ours_metrics, ours_grads = _ours(ours_model, items, objective)
     assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
     _assert_metrics_equal(trl_metrics, ours_metrics, ["rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                                      "rewards/margins", "logps/chosen", "logps/rejected"])
+                                                      "rewards/margins", "logps/chosen", "logps/rejected"]
+                          + (["nll_loss"] if sft_weight else []))
     _assert_grads_equal(_lora_grads(theirs_model), ours_grads)
 
 
@@ -252,7 +253,7 @@ def test_orpo_equals_trl_orpo_trainer(tmp_path, tiny_tokenizer, models):
     assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
     _assert_metrics_equal(trl_metrics, ours_metrics, ["rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                                       "rewards/margins", "logps/chosen", "logps/rejected",
-                                                      "log_odds_ratio", "log_odds_chosen"])
+                                                      "log_odds_ratio", "log_odds_chosen", "nll_loss"])
     _assert_grads_equal(_lora_grads(theirs_model), ours_grads)
 
 
