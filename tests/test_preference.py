@@ -269,3 +269,22 @@ def test_continuing_an_adapter_uses_it_as_the_reference(tmp_path, learnable_mode
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert metrics(tmp_path / "parent")[-1]["rewards/margins"] > 0.05  # the parent moved away from the base
+
+
+@pytest.mark.slow
+def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, learnable_model_dir):
+    """DDP (torchrun, gloo): the global batch's mean over pairs and chosen tokens, the reference forward on each
+    rank's own pairs, and an eval with fewer batches than ranks (lockstep) give one process's training."""
+    from test_distributed import torchrun
+
+    one = make_config(tmp_path, learnable_model_dir, name="one", batch_size=4, grad_accum=1, max_steps=2,
+                      preference={"sft_weight": 0.5})
+    two = make_config(tmp_path, learnable_model_dir, name="two", batch_size=2, grad_accum=1, max_steps=2,
+                      preference={"sft_weight": 0.5})
+    assert train(one, "data.eval_fraction=0.1") == 0
+    torchrun(two, "data.eval_fraction=0.1")
+    assert_same_training(tmp_path / "one", tmp_path / "two", rtol=1e-4)
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("rewards/accuracies", "rewards/margins", "nll_loss", "eval_rewards/margins"):
+        x, y = [m[key] for m in a if key in m], [m[key] for m in b if key in m]
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-6) and x, key
