@@ -70,12 +70,16 @@ class Reference:
     """The starting model's log-probs, computed on the training model (see the module docstring)."""
 
     def __init__(self, model, cfg):
+        from lorafit.adapters import lora_layers
+
         a = cfg.adapter
-        extra = getattr(a, "modules_to_save", None) or getattr(cfg.model, "add_tokens", None)
-        self.mode = "adapter off" if a.init in ("default", "gaussian") and not starting_adapter(cfg) and not extra \
-            else "snapshot"
         inner = parallel.unwrap(model)
         self.params = [p for p in inner.parameters() if p.requires_grad]
+        in_layers = {id(p) for layer in lora_layers(inner).values() for p in layer.parameters()}
+        # Trainable tensors outside the adapter layers (token rows, modules_to_save) stay on with the adapter off.
+        only_layers = all(id(p) in in_layers for p in self.params)
+        fresh = a.init in ("default", "gaussian") and getattr(a, "from_", None) is None
+        self.mode = "adapter off" if fresh and only_layers else "snapshot"
         self.saved = [p.detach().clone() for p in self.params] if self.mode == "snapshot" else None
 
     @contextlib.contextmanager
@@ -141,6 +145,10 @@ class PreferenceSteps:
 
     @classmethod
     def create(cls, cfg, model, tokenizer, train_items, eval_items) -> PreferenceSteps:
+        if parallel.is_sharded(model):  # the reference and eval forwards run on the unwrapped model
+            raise LorafitError(f"train.objective: {cfg.train.objective} does not run under FSDP yet; launch with "
+                               "DDP (torchrun / accelerate launch without an FSDP config)")
+        check_items_fit(train_items, cfg)
         objective = objective_of(cfg)
         reference = Reference(model, cfg) if objective.needs_reference else None
         return cls(objective, reference, train_items, eval_items, tokenizer.pad_token_id)
@@ -233,10 +241,10 @@ class PreferenceSteps:
         total = accelerator.reduce(local, reduction="sum").tolist()
         return int(total[0]), int(total[1]), int(total[2])
 
-    def step(self, run, progress) -> dict[str, Any]:
-        """One optimizer step at `progress.step` (`train._Run` holds the model, optimizer, ...); the metrics row."""
+    def step(self, run, progress, check_finite) -> dict[str, Any]:
+        """One optimizer step at `progress.step` (`train._Run` holds the model, optimizer, ...); the metrics row.
+        `check_finite(loss, grad_norm, step, run_dir, skip_grad)`: the loop's NaN guard."""
         from lorafit.data.preference import collate_items
-        from lorafit.train import _check_finite
 
         t, acc, model = run.cfg.train, run.accelerator, run.model
         epoch, step_in_epoch = divmod(progress.step, run.per_epoch)
@@ -277,8 +285,8 @@ class PreferenceSteps:
         loss_value = acc.reduce(loss_sum, reduction="sum").item()
         metrics = self._reduce_metrics(sums, acc)
         supervised = int(acc.reduce(torch.tensor(supervised, device=acc.device), reduction="sum").item())
-        _check_finite(loss_value, float(grad_norm), progress.step + 1, Path(run.cfg.output.dir),
-                      skip_grad=acc.optimizer_step_was_skipped)
+        check_finite(loss_value, float(grad_norm), progress.step + 1, Path(run.cfg.output.dir),
+                     skip_grad=acc.optimizer_step_was_skipped)
         lr = run.scheduler.get_last_lr()[0]
         if not acc.optimizer_step_was_skipped:
             run.scheduler.step()

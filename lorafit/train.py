@@ -360,7 +360,7 @@ class _Run:
         from lorafit.data import collate
 
         if self.pref is not None:
-            return self.pref.step(self, progress)
+            return self.pref.step(self, progress, check_finite=_check_finite)
         t, acc = self.cfg.train, self.accelerator
         epoch, step_in_epoch = divmod(progress.step, self.per_epoch)
         if getattr(self.train_rows, "streaming", False):

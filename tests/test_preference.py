@@ -288,3 +288,27 @@ def test_two_processes_at_batch_2_equal_one_at_batch_4(tmp_path, learnable_model
     for key in ("rewards/accuracies", "rewards/margins", "nll_loss", "eval_rewards/margins"):
         x, y = [m[key] for m in a if key in m], [m[key] for m in b if key in m]
         assert x == pytest.approx(y, rel=1e-4, abs=1e-6) and x, key
+
+
+def test_snapshot_reference_swaps_step_zero_weights_in_and_back(tiny_model):
+    """Trainable tensors outside the adapter layers (here the embedding, as trained token rows are) make "adapter off"
+    wrong, so the reference is a snapshot; inside `active` the model holds step 0's values, afterwards its own."""
+    from types import SimpleNamespace
+
+    from lorafit.adapters import attach_lora
+    from lorafit.preference import Reference
+
+    attach_lora(tiny_model, ["q_proj"], r=2, alpha=6.0)
+    fresh = SimpleNamespace(adapter=SimpleNamespace(init="default", from_=None))
+    assert Reference(tiny_model, fresh).mode == "adapter off"
+    emb = tiny_model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    ref = Reference(tiny_model, fresh)
+    assert ref.mode == "snapshot"
+    start = emb.detach().clone()
+    with torch.no_grad():
+        emb.add_(1.0)  # a training step
+    tiny_model.train()
+    with ref.active(tiny_model) as m:
+        assert torch.equal(m.get_input_embeddings().weight, start) and not m.training and not torch.is_grad_enabled()
+    assert torch.equal(emb, start + 1.0) and tiny_model.training
