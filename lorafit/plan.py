@@ -389,13 +389,14 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
             f" for {t.objective}"
     rows.append(("batch", f"{t.batch_size} per device × {t.grad_accum} accumulation × {plan.world_size} process(es) "
                           f"= {global_batch} {unit} of ≤ {cfg.data.max_length} tokens"))
+    packs = cfg.data.packing and t.objective == "sft"  # preference items are never packed
     if plan.steps_per_epoch is not None:
-        bound = "≤ " if cfg.data.packing else ""
+        bound = "≤ " if packs else ""
         rows.append(("steps", f"{bound}{plan.steps_per_epoch} per epoch"
-                              + (" (packing merges rows: fewer)" if cfg.data.packing else "")))
+                              + (" (packing merges rows: fewer)" if packs else "")))
     if plan.total_steps is not None:
         why = "train.max_steps" if t.max_steps is not None else f"{t.epochs} epoch(s)"
-        rows.append(("total steps", f"{'≤ ' if cfg.data.packing and t.max_steps is None else ''}"
+        rows.append(("total steps", f"{'≤ ' if packs and t.max_steps is None else ''}"
                                     f"{plan.total_steps} ({why})"))
     if plan.memory:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.memory.items())
