@@ -153,7 +153,7 @@ class AdapterConfig(_Section):
 
 class DataSource(_Section):
     path: Text = Field(min_length=1)  # file, folder, or hub dataset id
-    format: Literal["alpaca", "chat", "completion", "text"]
+    format: Literal["alpaca", "chat", "completion", "text", "preference", "unpaired"]  # the last two: train.objective
     split: Text = "train"  # hub datasets
     columns: dict[str, str] = {}  # renames: {expected_name: name_in_the_data}
     name: Text | None = None  # hub datasets: the config name (load_dataset(path, name))
@@ -176,7 +176,22 @@ class DataConfig(_Section):
     streaming: bool = False  # format text: tokenize and pack on the fly (corpora larger than RAM)
 
 
+class PreferenceConfig(_Section):
+    """train.preference: the settings of the preference objectives (docs/preference.md)."""
+
+    beta: Float | None = Field(None, gt=0)  # null: the objective's usual value (dpo, kto, orpo 0.1; simpo 2.0)
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"  # dpo only
+    label_smoothing: Float = Field(0.0, ge=0, lt=0.5)  # dpo sigmoid / robust (and simpo): share of flipped labels
+    gamma: Float = Field(0.5, ge=0)  # simpo: the target reward margin
+    sft_weight: Float = Field(0.0, ge=0)  # dpo / simpo: + sft_weight × the chosen answers' NLL (orpo always has it)
+    precompute_reference: bool = False  # dpo / kto: the reference's log-probs once, before the first step
+    desirable_weight: Float = Field(1.0, gt=0)  # kto
+    undesirable_weight: Float = Field(1.0, gt=0)  # kto
+
+
 class TrainConfig(_Section):
+    objective: Literal["sft", "dpo", "simpo", "orpo", "kto"] = "sft"  # preference objectives read preference data
+    preference: PreferenceConfig | None = None  # objectives other than sft; null: the defaults
     epochs: Int = Field(1, ge=1)
     max_steps: Int | None = Field(None, ge=1)  # when set, wins over epochs
     batch_size: Int = Field(4, ge=1)  # per device, per micro-step
@@ -668,6 +683,9 @@ def _placement_problems(cfg: Config) -> list[str]:
     if a.allocate != "none" and a.from_ is not None:
         problems.append("adapter.allocate: adapter.from continues an adapter with the ranks it has; remove allocate "
                         "(or adapter.from to start a new adapter)")
+    if a.allocate != "none" and cfg.train.objective != "sft":
+        problems.append(f"adapter.allocate: the gradient probe scores the SFT loss, and train.objective is "
+                        f"{cfg.train.objective}; probe an SFT run, or put its ranks into adapter.rank_pattern")
     if a.allocate != "none":
         for key in ("rank_pattern", "alpha_pattern"):
             if getattr(a, key):
@@ -676,6 +694,44 @@ def _placement_problems(cfg: Config) -> list[str]:
         if cfg.data.streaming:
             problems.append("adapter.allocate: the gradient probe reads data.train before training, which a stream "
                             "cannot rewind; use allocate: none with data.streaming")
+_PREFERENCE_ONLY = {"loss": ("dpo",), "label_smoothing": ("dpo", "simpo"), "gamma": ("simpo",),
+                    "sft_weight": ("dpo", "simpo"), "precompute_reference": ("dpo", "kto"),
+                    "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+
+
+def _preference_problems(cfg: Config) -> list[str]:
+    """train.objective against the data formats and train.preference (docs/preference.md)."""
+    t, d, problems = cfg.train, cfg.data, []
+    p = t.preference or PreferenceConfig()
+    sources = [(f"data.{part}.{i}.format", s.format) for part in ("train", "eval") for i, s in
+               enumerate(getattr(d, part))]
+    if t.objective == "sft":
+        problems += [f"{k}: {f} data is read by a preference objective, and train.objective is sft; set "
+                     f"train.objective: dpo (or simpo / orpo / kto)" for k, f in sources if f in ("preference", "unpaired")]
+        if t.preference is not None:
+            problems.append("train.preference: set, but train.objective is sft; remove it or set train.objective: "
+                            "dpo / simpo / orpo / kto")
+        return problems
+    for k, f in sources:
+        if f not in ("preference", "unpaired"):
+            problems.append(f"{k}: {f} data cannot train objective {t.objective}, which compares answers; use format "
+                            f"preference" + (" or unpaired" if t.objective == "kto" else "") + " (or objective sft)")
+        elif f == "unpaired" and t.objective != "kto":
+            problems.append(f"{k}: unpaired rows (one answer with a label) fit objective kto only; objective "
+                            f"{t.objective} needs pairs (format preference)")
+    if t.preference is not None:
+        for key, allowed in _PREFERENCE_ONLY.items():
+            if key in p.model_fields_set and t.objective not in allowed:
+                problems.append(f"train.preference.{key}: applies to objective {' / '.join(allowed)} only "
+                                f"(objective is {t.objective}); remove it")
+    if p.label_smoothing and t.objective == "dpo" and p.loss not in ("sigmoid", "robust"):
+        problems.append(f"train.preference.label_smoothing: applies to loss sigmoid / robust (loss is {p.loss})")
+    if p.precompute_reference and d.streaming:
+        problems.append("train.preference.precompute_reference: needs the whole data set before the first step, "
+                        "which data.streaming does not have")
+    if t.objective == "kto" and t.batch_size < 2:
+        problems.append("train.batch_size: kto estimates its KL term from mismatched rows of a micro-batch, so it "
+                        "needs at least 2 rows per micro-batch (a global batch of one row has no mismatched pair)")
     return problems
 
 
@@ -716,6 +772,7 @@ def _cross_field_problems(cfg: Config, origins: dict[str, str]) -> tuple[list[st
     problems += _data_problems(cfg)
     problems += _adapter_problems(cfg)
     problems += _placement_problems(cfg)
+    problems += _preference_problems(cfg)
     if cfg.data.chat_template is not None and not any(s.format == "chat" for s in cfg.data.train + cfg.data.eval):
         warnings.append("data.chat_template: set, but no data source has format: chat")
     if cfg.data.prompt_template is not None and not any(s.format == "alpaca" for s in cfg.data.train + cfg.data.eval):

@@ -186,6 +186,8 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
     else:
         model, tokenizer, src = _load_for_eval(config, adapter)
         variants = [("base", lambda: adapter_disabled(model)), ("adapter", contextlib.nullcontext)]
+    if config.train.objective != "sft" and not adapters:  # pair accuracy / rewards instead of perplexity
+        return _evaluate_preference_run(config, model, tokenizer, adapter, json_path, console)
     prepared = prepare_examples(config.data, tokenizer, seed=config.train.seed)
     rows = make_rows(prepared.eval, config.data.max_length, config.data.packing)
     if not any(lab != IGNORE_INDEX for r in rows for lab in r.labels):
@@ -208,6 +210,27 @@ def evaluate_command(source: Path, adapter_dir: Path | None = None, json_path: P
         print_comparison(console, results)
     else:
         print_results(console, results, adapter)
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+    return results
+
+
+def _evaluate_preference_run(config, model, tokenizer, adapter: Path, json_path, console) -> dict[str, Any]:
+    """A dpo / simpo / orpo / kto run: `lorafit.preference.evaluate_preferences`. The reference is the base (the
+    adapter off), or for a run that continued an adapter (adapter.from) base + that adapter, on a second copy."""
+    from lorafit.preference import evaluate_preferences, print_preference_results, starting_adapter
+
+    model.eval()
+    variants = {"base": (model, lambda: adapter_disabled(model)), "adapter": (model, contextlib.nullcontext),
+                "reference": (model, lambda: adapter_disabled(model))}
+    parent = starting_adapter(config)
+    if parent is not None:
+        ref_model = _load_for_eval(config, parent)[0].eval()
+        variants["reference"] = (ref_model, contextlib.nullcontext)
+    results = evaluate_preferences(config, tokenizer, variants)
+    print_preference_results(console, results, adapter)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(results, indent=2) + "\n")

@@ -157,3 +157,85 @@ def _plain_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch
     from lorafit import data
 
     return data.causal_lm_loss(model(**inputs, use_cache=False).logits, labels)
+
+
+# ------------------------------------------------------------------------------ per-sequence log-probabilities
+
+
+def sequence_logps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, seq_index: torch.Tensor,
+                   n_seqs: int, chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's trained tokens, and their number: what preference losses read.
+
+    The same route as `chunked_causal_lm_loss`: the head runs only on the positions whose next token is trained,
+    a chunk at a time (`_HeadLogps`), so no (B, T, V) logits exist. Sequences may be rows of the batch or packed
+    segments of rows: `seq_index` says which sequence each position's label belongs to.
+
+    Args:
+        model: a transformers causal LM, bare or wrapped in DistributedDataParallel.
+        inputs: the model's inputs (``input_ids``, ``position_ids``), without labels.
+        labels: (B, T) unshifted token ids, -100 where no token is scored (prompt, padding).
+        seq_index: (B, T) the sequence (0..n_seqs-1) of each label position.
+        n_seqs: number of sequences.
+
+    Returns:
+        ((n_seqs,) float32 summed log-probs, with gradient when the model has one; (n_seqs,) int64 token counts).
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    owner = seq_index[:, 1:][keep]  # (n,): the sequence of each kept position
+    inner = _unwrap(model)
+    if inner is None or not _supported(inner):
+        token_logps = _plain_token_logps(model, inputs, targets, keep)
+    else:
+        head = inner.get_output_embeddings()
+        hidden = _final_hidden(model, inner, inputs)[:, :-1][keep]  # (n, H)
+        chunk = chunk_tokens or max(1, CHUNK_LOGITS // head.out_features)
+        if hidden.requires_grad and torch.is_grad_enabled():
+            token_logps = _HeadLogps.apply(hidden, targets[keep], head, chunk)
+        else:
+            with torch.no_grad():
+                token_logps = _chunk_logps(hidden, targets[keep], head, chunk)
+    sums = torch.zeros(n_seqs, dtype=torch.float32, device=labels.device).index_add(0, owner, token_logps)
+    counts = torch.zeros(n_seqs, dtype=torch.long, device=labels.device).index_add(0, owner, torch.ones_like(owner))
+    return sums, counts
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n,) log-softmax of (n, V) logits at the (n,) targets, in float32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    return torch.cat([_token_logps(head(hidden[s: s + chunk]), targets[s: s + chunk])
+                      for s in range(0, hidden.size(0), chunk)]) if hidden.size(0) else hidden.new_zeros(0).float()
+
+
+class _HeadLogps(torch.autograd.Function):
+    """Per-token log-probs through the frozen head, chunk by chunk; each token's gradient w.r.t. its own hidden state
+    is taken in the forward pass (a token's log-prob depends on its hidden state only), so the backward is a
+    per-token scaling of the stored (n, H) gradients by the incoming (n,) gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)  # (n, H): d logp_i / d hidden_i
+        for start in range(0, hidden.size(0), chunk):
+            piece = hidden[start: start + chunk].detach().requires_grad_()
+            with torch.enable_grad():  # autograd is off inside Function.forward; the chunk needs its own graph
+                logps = _token_logps(head(piece), targets[start: start + chunk])
+                total = logps.sum()
+            grad[start: start + chunk] = torch.autograd.grad(total, piece)[0]
+            out[start: start + chunk] = logps.detach()
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype).unsqueeze(1), None, None, None
+
+
+def _plain_token_logps(model: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:
+    logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    return _token_logps(logits[keep], targets[keep])

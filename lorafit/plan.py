@@ -203,7 +203,9 @@ def estimate_memory(cfg: Config, shape: ModelShape, shards: int = 1,
         weights = weights / shards + 2 * (weights - other * weight_bytes) / max(shape.layers, 1)
         adapter /= shards
     a = PRECISION_BYTES[t.precision]
-    tokens = t.batch_size * cfg.data.max_length
+    # Preference objectives run two sequences per item (chosen + rejected, or kto's row + its mismatched pair) in one
+    # forward; the reference's no-grad forward keeps no activations, so it adds only one layer's working set.
+    tokens = t.batch_size * cfg.data.max_length * (1 if t.objective == "sft" else 2)
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
     per_layer = tokens * (2 * h * (a + 4) + a * (6 * h + 3 * kv) + 3 * i * a)
     if checkpointing is None:
@@ -395,16 +397,20 @@ def _plan_rows(cfg: Config, plan: Plan) -> list[tuple[str, str]]:
     if plan.world_size > 1 or plan.fsdp:
         rows.append(("processes", f"{plan.world_size}, " + ("FSDP: weights and adapter state sharded across them"
                                                              if plan.fsdp else "data parallel (DDP): a full copy each")))
+    unit = 'packed rows' if cfg.data.packing else 'examples'
+    if t.objective != "sft":
+        unit = ("rows (+ a mismatched row each)" if t.objective == "kto" else "pairs (2 sequences each)") + \
+            f" for {t.objective}"
     rows.append(("batch", f"{t.batch_size} per device × {t.grad_accum} accumulation × {plan.world_size} process(es) "
-                          f"= {global_batch} {'packed rows' if cfg.data.packing else 'examples'} of ≤ "
-                          f"{cfg.data.max_length} tokens"))
+                          f"= {global_batch} {unit} of ≤ {cfg.data.max_length} tokens"))
+    packs = cfg.data.packing and t.objective == "sft"  # preference items are never packed
     if plan.steps_per_epoch is not None:
-        bound = "≤ " if cfg.data.packing else ""
+        bound = "≤ " if packs else ""
         rows.append(("steps", f"{bound}{plan.steps_per_epoch} per epoch"
-                              + (" (packing merges rows: fewer)" if cfg.data.packing else "")))
+                              + (" (packing merges rows: fewer)" if packs else "")))
     if plan.total_steps is not None:
         why = "train.max_steps" if t.max_steps is not None else f"{t.epochs} epoch(s)"
-        rows.append(("total steps", f"{'≤ ' if cfg.data.packing and t.max_steps is None else ''}"
+        rows.append(("total steps", f"{'≤ ' if packs and t.max_steps is None else ''}"
                                     f"{plan.total_steps} ({why})"))
     if plan.memory:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.memory.items())

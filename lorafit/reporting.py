@@ -76,7 +76,9 @@ class RunReporter:
                    memory_gib=round(peak_memory_gib(self.accelerator.device), 3))
         if not self.main:
             return
-        info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s  {row['memory_gib']:.2f} GiB"
+        shown = "".join(f"  {k.split('/')[-1]} {row[k]:.3f}" for k in ("rewards/accuracies", "rewards/margins", "kl")
+                        if k in row)  # preference runs: TRL's names, shortened
+        info = f"loss {row['loss']:.4f}{shown}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s  {row['memory_gib']:.2f} GiB"
         if self.bar is not None:
             self.bar.update(self.task, completed=row["step"], info=info)
         if log:
@@ -85,6 +87,14 @@ class RunReporter:
                 print(f"step {row['step']}/{self.total}  {info}", flush=True)
 
     def eval(self, step: int, result: dict[str, float]) -> None:
+        if "perplexity" not in result:  # a preference run: its loss and TRL's metrics, as eval_<name>
+            row = {"step": step, **{f"eval_{k}": v for k, v in result.items()}}
+            if self.main:
+                self._append(row)
+                acc = f"  reward accuracy {result['rewards/accuracies']:.3f}" if "rewards/accuracies" in result else ""
+                msg = f"eval at step {step}: loss {result['loss']:.4f}{acc}"
+                (self.bar.console.print if self.bar is not None else print)(msg)
+            return
         row = {"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
                "eval_tokens": result["tokens"]}
         if self.main:

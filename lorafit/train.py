@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorafit import checkpoint, parallel, runstate, schedule, vocab
+from lorafit import checkpoint, parallel, preference, runstate, schedule, vocab
 from lorafit.config import Config, LoadedConfig
 from lorafit.errors import LorafitError, TrainingStopped
 
@@ -304,11 +304,18 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
     _on_main_then_all(accelerator, runstate.check_run_dir, run_dir, cfg, resume=resume, config_path=loaded.path)
     # Data, model and targets are checked before output.dir is created: a refused start leaves nothing behind.
     tokenizer = vocab.run_tokenizer(cfg)
-    train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    probed: list = []  # adapter.allocate: the probe's result, saved once the run dir exists
+    preferences = t.objective != "sft"  # dpo / simpo / orpo / kto: pairs or labelled rows (lorafit.preference)
+    if preferences:
+        train_rows, eval_rows, audit = preference.build_data(cfg, tokenizer)
+        scanned = [s for item in train_rows for s in (item.first, item.second)]  # sequences, for the token scan
+    else:
+        train_rows, eval_rows, audit = build_datasets(cfg.data, tokenizer, seed=t.seed)
+        scanned = () if getattr(train_rows, "streaming", False) else train_rows
+    probed: list = []  # adapter.allocate: the probe's result, saved once the run dir exists (sft only: config.py)
     placement = _placement(cfg, accelerator, sharding, train_rows, tokenizer, run_dir, resume, probed)
-    model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer, placement=placement,
-                                          rows=() if getattr(train_rows, "streaming", False) else train_rows)
+    model, wrapped, counts = _build_model(cfg, accelerator, sharding, tokenizer, placement=placement, rows=scanned)
+    # Before --resume loads a checkpoint: the reference is the model as it starts (step 0's adapter).
+    pref = preference.PreferenceSteps.create(cfg, model, tokenizer, train_rows, eval_rows) if preferences else None
     _seed_everything(t.seed + accelerator.process_index)  # after the adapter's init: dropout differs per process
     streaming = getattr(train_rows, "streaming", False)  # data.streaming: rows made on the fly; max_steps is set
     per_epoch = t.max_steps if streaming else \
@@ -334,13 +341,17 @@ def run_training(loaded: LoadedConfig, resume: bool = False) -> Path:
         progress = checkpoint.load_training_state(run_dir, accelerator, model, optimizer, scheduler, hooks=hooks)
         if streaming:
             train_rows.seek(progress.data)
+    if pref is not None and t.preference is not None and t.preference.precompute_reference:
+        pref.precompute(model, accelerator, cfg, t.batch_size)
     if t.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
     reporter = RunReporter(run_dir, accelerator, total_steps, start=progress, audit=audit, wrapped=wrapped,
                            counts=counts, sharding=sharding)
     run = _Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, train_rows, eval_rows, per_epoch, reporter,
                flatten=attention_in_use(model) == "flash_attention_2",  # FA2 reads packing only from a batch of one
-               hooks=hooks)
+               hooks=hooks, pref=pref)
+    if pref is not None and accelerator.is_main_process:
+        print(pref.describe(), flush=True)
     stop = _install_signal_handlers()
     started = time.perf_counter() - progress.elapsed
     try:
@@ -387,11 +398,14 @@ class _Run:
     reporter: Any
     flatten: bool = False  # collate micro-batches into one row (flash_attention_2)
     hooks: Any = None  # the adapter method's additions to the loop (lorafit.adapters.TrainingHooks)
+    pref: Any = None  # a preference objective's steps and evals (lorafit.preference.PreferenceSteps)
 
     def step(self, progress: checkpoint.Progress) -> dict[str, Any]:
         """One optimizer step at `progress.step`; advances `progress` and returns the metrics row."""
         from lorafit.data import collate
 
+        if self.pref is not None:
+            return self.pref.step(self, progress, check_finite=_check_finite)
         t, acc = self.cfg.train, self.accelerator
         epoch, step_in_epoch = divmod(progress.step, self.per_epoch)
         if getattr(self.train_rows, "streaming", False):
@@ -420,6 +434,9 @@ class _Run:
 
     def evaluate(self) -> dict[str, float]:
         from lorafit.evaluate import evaluate_loss
+
+        if self.pref is not None:
+            return self.pref.evaluate(self.model, self.accelerator, self.cfg.train.batch_size)
 
         # DDP: the unwrapped model, since a DDP forward syncs buffers, which would hang a rank without eval rows.
         # FSDP: the sharded model (only its forward gathers the weights), the same number of batches on every rank.

@@ -104,6 +104,10 @@ def print_data_report(cfg: Config, tokenizer, console, n_examples: int = 3, cach
     """
     from rich.panel import Panel
 
+    if cfg.train.objective != "sft":  # pairs / labelled rows: their own rendering and audit
+        from lorafit.data.preference import print_preference_report
+
+        return print_preference_report(cfg, tokenizer, console, n_examples)
     d = cfg.data
     prepared = prepare_examples(d, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir)
     rows = make_rows(prepared.train, d.max_length, d.packing)

@@ -155,7 +155,7 @@ def _load_saved(folder: Path, source: DataSource):
 
 def _check_columns(names: list[str], source: DataSource, where: str) -> None:
     """Refuse a table whose columns cannot give the source's format, naming what it has."""
-    required = [source.columns.get(c, c) for c in REQUIRED_COLUMNS[source.format]]
+    required = [source.columns.get(c, c) for c in REQUIRED_COLUMNS.get(source.format, ())]
     if source.format == "chat" and required[0] not in names and "conversations" in names:
         return  # ShareGPT
     missing = [c for c in required if c not in names]
