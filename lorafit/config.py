@@ -694,6 +694,9 @@ def _placement_problems(cfg: Config) -> list[str]:
         if cfg.data.streaming:
             problems.append("adapter.allocate: the gradient probe reads data.train before training, which a stream "
                             "cannot rewind; use allocate: none with data.streaming")
+    return problems
+
+
 _PREFERENCE_ONLY = {"loss": ("dpo",), "label_smoothing": ("dpo", "simpo"), "gamma": ("simpo",),
                     "sft_weight": ("dpo", "simpo"), "precompute_reference": ("dpo", "kto"),
                     "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
