@@ -285,8 +285,6 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
     """
     from rich.console import Console
 
-    from lorafit.adapters.peft_io import grow_for_adapter, load_adapter
-
     console = console or Console(highlight=False)
     warn = Console(stderr=True, highlight=False)
     if dtype is not None and dtype not in SAVED_TOLERANCE:
@@ -303,17 +301,11 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
 
     console.print(f"merging {src.adapter_dir} into {src.model.path} (float32)")
     model = load_full_precision_base(src, names)
-    grow_for_adapter(model, src.adapter_dir)  # a run that added tokens: the base grown to its tokenizer
-    base_logits = logits_of(model, samples)
-    load_adapter(model, src.adapter_dir, dropout=0.0)
-    reference = logits_of(model, samples)
-    effect = max_relative_difference(reference, base_logits)
+    layers, reference, diff, effect = fold_source_adapter(model, src, samples)
     if effect <= NOOP_EFFECT:
         warn.print("[yellow]warning:[/] the adapter does not change the model (all its lora_B weights are zero, e.g. "
                    "saved before any training step): the merged model equals the base model")
-    layers = fold_adapter(model)
-    report = MergeReport(out, layers, dtype, max_relative_difference(logits_of(model, samples), reference),
-                         float("nan"), SAVED_TOLERANCE[dtype], effect)
+    report = MergeReport(out, layers, dtype, diff, float("nan"), SAVED_TOLERANCE[dtype], effect)
     _check(report.max_rel_diff, MERGE_TOLERANCE, "the merged float32 model", out)
     holder = [model]  # the write step takes the only reference, so the float32 model is freed before the reload
     del model
@@ -322,6 +314,25 @@ def merge_adapter(source: Path, out: Path, dtype: str | None = None, max_shard_s
         report.kernel_rel_diff = max_relative_difference(merged, kernel_logits)
     _print_report(console, src, report)
     return report
+
+
+def fold_source_adapter(model, src: Source, samples) -> tuple[list, list, float, float]:
+    """Attach `src`'s adapter to `model` (its float32 base, grown first to what the adapter's token rows need) and
+    fold it in: the one merge sequence `merge` and `export` share.
+
+    Returns:
+        (the folded layers, the adapter's logits on `samples`, the merged model's max relative difference from them,
+        the adapter's effect: the same measure between the adapter's logits and the base's).
+    """
+    from lorafit.adapters.peft_io import grow_for_adapter, load_adapter
+
+    grow_for_adapter(model, src.adapter_dir)  # a run that added tokens: the base grown to its tokenizer
+    base_logits = logits_of(model, samples)
+    load_adapter(model, src.adapter_dir, dropout=0.0)
+    reference = logits_of(model, samples)
+    layers = fold_adapter(model)
+    diff = max_relative_difference(logits_of(model, samples), reference)
+    return layers, reference, diff, max_relative_difference(reference, base_logits)
 
 
 def _write_and_verify(holder: list, tokenizer, src: Source, out: Path, report: MergeReport, samples, reference,
