@@ -225,6 +225,32 @@ def test_loftq_brings_the_quantized_model_closer_to_full_precision(quant, tiny_m
         assert after < 0.85 * before
 
 
+def test_loftq_honours_layers_and_rank_and_alpha_patterns(tmp_path, tiny_model_dir):
+    """Each module gets its own rank and alpha from the patterns, and its factors are the best fit of the
+    quantization error at *that* rank; the saved adapter reads back to the same model."""
+    patterns = dict(layers=[1], rank_pattern={"q_proj": 6, "mlp\\.down_proj": 2}, alpha_pattern={"q_proj": 3.0})
+    model, weights = quantized_with_originals(tiny_model_dir, NF4, "loftq", **patterns)
+    layers = lora_layers(model)
+    assert layers and all(n.startswith("model.layers.1.") for n in layers)
+    expected_r = {"self_attn.q_proj": 6, "mlp.down_proj": 2}
+    for name, layer in layers.items():
+        r = expected_r.get(name.removeprefix("model.layers.1."), R)
+        assert layer.r == r and layer.scale == pytest.approx((3.0 if name.endswith("q_proj") else ALPHA) / r), name
+        error = (weights[name] - dequantized_weight(layer.base_layer).float()).double()
+        tail = torch.linalg.svdvals(error)[r:]  # Eckart–Young at the module's own rank
+        assert (error - layer.delta().detach().double()).norm() == pytest.approx(tail.norm().item(), rel=1e-4), name
+    s = settings(init="loftq", **patterns)
+    out = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_model_dir), r=R, alpha=ALPHA,
+                       dropout=0.0, targets="all-linear", settings=s)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["rank_pattern"].values()) == [2, 6] and list(config["alpha_pattern"].values()) == [3.0]
+    ids = sample_ids(model.config.vocab_size)
+    again = load_model(str(tiny_model_dir), dtype="float32", quantization=NF4)
+    load_adapter(again, out)
+    assert {n: m.r for n, m in lora_layers(again).items()} == {n: m.r for n, m in layers.items()}
+    torch.testing.assert_close(logits(again, ids), logits(model, ids), rtol=0, atol=0)
+
+
 def test_loftq_without_the_full_precision_weights_is_refused(tiny_model_dir):
     model = load_model(str(tiny_model_dir), dtype="float32", quantization=NF4)
     with pytest.raises(LorafitError, match="loftq needs the full-precision weights"):
