@@ -143,52 +143,66 @@ def test_modules_to_save_round_trip_through_peft_both_ways(tmp_path, tied):
     # PEFT -> lorafit
     made = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                           LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["v_proj"], modules_to_save=["lm_head"]))
+    _assert_peft_made_loads_and_merges(made, tmp_path, base_dir, x, 0.05)
+
+
+def _assert_peft_made_loads_and_merges(made, tmp_path: Path, base_dir: Path, x: torch.Tensor, scale: float,
+                                       tokenizer=None) -> None:
+    """Move a PEFT-made adapter's trainable weights off their init, save it (with `tokenizer`, when the vocabulary
+    grew), and check that lorafit's load on a fresh base and `lorafit merge` both give PEFT's logits."""
+    from rundirs import run_cli
+    from transformers import AutoModelForCausalLM
+
     with torch.no_grad():
         for p in made.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    made.save_pretrained(tmp_path / "peft-made")
-    with torch.no_grad():
+                p.add_(torch.randn_like(p) * scale)
         want = made.eval()(x).logits
+    made.save_pretrained(tmp_path / "peft-made")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp_path / "peft-made")
     mine = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     load_adapter(mine, tmp_path / "peft-made", dropout=0.0)
     with torch.no_grad():
         assert _rel(mine(x).logits, want) <= 1e-5
-    _assert_merge_gives(tmp_path / "peft-made", tmp_path / "merged", x, want)
-
-
-def _assert_merge_gives(adapter: Path, out: Path, x: torch.Tensor, want: torch.Tensor) -> None:
-    """`lorafit merge` of a (PEFT-made) adapter writes a model whose logits are `want`."""
-    from rundirs import run_cli
-    from transformers import AutoModelForCausalLM
-
-    assert run_cli("merge", str(adapter), "--out", str(out), "--dtype", "float32") == 0
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert run_cli("merge", str(tmp_path / "peft-made"), "--out", str(tmp_path / "merged"), "--dtype", "float32") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         assert _rel(merged(x).logits, want) <= 1e-5
 
 
 def test_peft_made_trainable_tokens_load_in_lorafit(tmp_path):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     base_dir, grown, model, new_ids = grown_base(tmp_path, tied=False)
     made = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"],
                                             trainable_token_indices={"embed_tokens": new_ids, "lm_head": new_ids}))
+    _assert_peft_made_loads_and_merges(made, tmp_path, base_dir, _ids(len(grown)), 0.2, tokenizer=grown)
+    # eval --adapter reads it too: its loss is PEFT's on the eval rows, tokenized with the adapter's (grown) tokenizer
+    from rundirs import run_cli, write_jsonl
+
+    from lorafit.config import load_config
+    from lorafit.data import build_datasets, collate
+    from lorafit.loss import chunked_causal_lm_loss
+
+    data = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": f"say {NEW[i % 2]} twice",
+                                                  "output": f"{NEW[i % 2]} {NEW[i % 2]} done"} for i in range(6)])
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model:\n  path: {base_dir}\n  dtype: float32\ndata:\n  train:\n    - path: {data}\n"
+                      f"      format: alpaca\n  eval:\n    - path: {data}\n      format: alpaca\n"
+                      f"output:\n  dir: {tmp_path / 'unused'}\n")
+    out = tmp_path / "eval.json"
+    assert run_cli("eval", str(config), "--adapter", str(tmp_path / "peft-made"), "--generate", "0",
+                   "--json", str(out)) == 0
+    measured = json.loads(out.read_text())["adapter"]
+    _, rows, _ = build_datasets(load_config(config).config.data, grown, seed=0, cache_dir=tmp_path / "cache")
+    assert any(new_ids[0] in rows[i].input_ids for i in range(len(rows)))  # the new tokens are read as new ids
     with torch.no_grad():
-        for p in made.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.2)
-    made.save_pretrained(tmp_path / "peft-made")
-    grown.save_pretrained(tmp_path / "peft-made")
-    x = _ids(len(grown))
-    with torch.no_grad():
-        want = made.eval()(x).logits
-    mine = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    load_adapter(mine, tmp_path / "peft-made", dropout=0.0)
-    with torch.no_grad():
-        assert _rel(mine(x).logits, want) <= 1e-5
-    _assert_merge_gives(tmp_path / "peft-made", tmp_path / "merged", x, want)
+        batch = collate([rows[i] for i in range(len(rows))], pad_id=grown.pad_token_id)
+        labels = batch.pop("labels")
+        total, tokens = chunked_causal_lm_loss(made.eval(), batch, labels)
+    assert measured["tokens"] == tokens
+    assert measured["loss"] == pytest.approx(float(total) / tokens, rel=1e-5)
 
 
 def test_untrained_rows_are_those_far_below_the_median_norm():
