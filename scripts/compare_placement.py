@@ -107,11 +107,18 @@ def table(setup: str, results: list[dict], steps: str) -> str:
     return "\n".join(lines)
 
 
-def from_log(log: Path) -> list[dict]:
-    """The per-variant summaries of the runs a (possibly unfinished) run of this script printed to `log`."""
+VARIANT_LINE = re.compile(r"^\[(\w+)\] (\w+) ")
+
+
+def from_log(log: Path, setup: str) -> list[dict]:
+    """The per-variant summaries of the runs of `setup` a (possibly unfinished) run of this script printed to `log`
+    (each variant's seeds follow its "[setup] variant ..." line)."""
     runs: dict[str, list[dict]] = {}
+    current = None
     for line in log.read_text().splitlines():
-        if line.startswith('{"seed"'):
+        if found := VARIANT_LINE.match(line):
+            current = found.group(1)
+        elif line.startswith('{"seed"') and current == setup:
             row = json.loads(line)
             runs.setdefault(row["method"], []).append(row)
     return [summarise(label, runs[label]) for label in VARIANTS if label in runs]
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="print the table of the runs an unfinished run of this script logged, and stop")
     args = parser.parse_args(argv)
     if args.from_log:
-        print(table(args.setups, from_log(args.from_log), "from its log"))
+        for setup in args.setups.split(","):
+            print(table(setup, from_log(args.from_log, setup), "from its log") + "\n")
         return
     variants = args.variants.split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:

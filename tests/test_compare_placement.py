@@ -50,7 +50,11 @@ def test_an_unfinished_run_is_summarised_from_its_log(script, tmp_path):
     log.write_text('[quickstart] uniform [] ...\n'
                    '{"seed": 1, "method": "uniform", "trainable": 7, "loss": 1.0, "exact_match": 0.5, "probe_s": null}\n'
                    '{"seed": 2, "method": "uniform", "trainable": 7, "loss": 3.0, "exact_match": 0.5, "probe_s": null}\n'
-                   '{"seed": 1, "method": "allocate", "trainable": 8, "loss": 2.0, "exact_match": 0.1, "probe_s": 2.0}\n')
-    uniform, allocate = script.from_log(log)
+                   '[quickstart] allocate ...\n'
+                   '{"seed": 1, "method": "allocate", "trainable": 8, "loss": 2.0, "exact_match": 0.1, "probe_s": 2.0}\n'
+                   '[small] uniform [] ...\n'
+                   '{"seed": 1, "method": "uniform", "trainable": 9, "loss": 9.0, "exact_match": 0.0, "probe_s": null}\n')
+    assert [s["loss"] for s in script.from_log(log, "small")] == [9.0]
+    uniform, allocate = script.from_log(log, "quickstart")
     assert (uniform["variant"], uniform["seeds"], uniform["loss"]) == ("uniform", 2, 2.0)
     assert (allocate["variant"], allocate["seeds"], allocate["probe_s"]) == ("allocate", 1, 2.0)
