@@ -4,6 +4,7 @@ gradient` and against attention-only and MLP-only LoRA at (about) the same budge
     .venv/bin/python scripts/compare_placement.py                          # both setups, 3 seeds, prints the tables
     .venv/bin/python scripts/compare_placement.py --write docs/methods.md  # and puts them into the doc
     .venv/bin/python scripts/compare_placement.py --setups quickstart --seeds 1 --small-steps 4   # a quick check
+    .venv/bin/python scripts/compare_placement.py --setups quickstart --r 16,2         # two budgets
     .venv/bin/python scripts/compare_placement.py --setups small --from-log run.log   # the table of an unfinished run
 
 Variants (every one keeps uniform r's scale alpha / r, so only the placement differs):
@@ -63,6 +64,25 @@ def matched_overrides(config: Path) -> dict[str, list[str]]:
     return out
 
 
+def narrowed(config: Path, setup: str, work: Path, quickstart_steps: int | None, r: int | None) -> tuple[Path, str]:
+    """The setup's config with --quickstart-steps / --r applied (r at the same alpha / r), and its table label."""
+    from lorafit.config import load_config
+
+    lines, label = [], setup
+    if setup == "quickstart" and quickstart_steps:
+        lines.append(f"train:\n  max_steps: {quickstart_steps}")
+    if r:
+        a = load_config(config).config.adapter
+        lines.append(f"adapter:\n  r: {r}\n  alpha: {a.alpha * r / a.r:g}")
+        label = f"{setup}, r={r}"
+    if not lines:
+        return config, label
+    work.mkdir(parents=True, exist_ok=True)
+    extra = work / f"{setup}-narrowed.yaml"
+    extra.write_text(f"extends: {config}\n" + "\n".join(lines) + "\n")
+    return extra, label
+
+
 def run_variant(label: str, overrides: list[str], config: Path, lr: float, work: Path, seeds: list[int],
                 generate: int) -> dict:
     """Train and evaluate one variant once per seed; mean and spread of the held-out figures."""
@@ -107,7 +127,7 @@ def table(setup: str, results: list[dict], steps: str) -> str:
     return "\n".join(lines)
 
 
-VARIANT_LINE = re.compile(r"^\[(\w+)\] (\w+) ")
+VARIANT_LINE = re.compile(r"^\[([\w-]+)\] (\w+) ")
 
 
 def from_log(log: Path, setup: str) -> list[dict]:
@@ -126,12 +146,15 @@ def from_log(log: Path, setup: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", default="quickstart,small", help="comma-separated: quickstart, small")
+    parser.add_argument("--setups", default="quickstart,small", help="comma-separated: quickstart, small (with "
+                                                                     "--from-log: the log's tags, e.g. quickstart-r2)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (train.seed = 1 .. N)")
     parser.add_argument("--small-steps", type=int, default=40, help="optimizer steps on the small model")
     parser.add_argument("--quickstart-steps", type=int, default=None, help="train.max_steps on the quickstart "
                                                                            "(default: its 6 epochs)")
+    parser.add_argument("--r", default=None, help="budgets, comma-separated: uniform rank r (alpha scaled to keep "
+                                                  "alpha / r; default: the setup's own); tables and log tags setup-rN")
     parser.add_argument("--generate", type=int, default=50, help="eval rows answered greedily for exact match")
     parser.add_argument("--work", type=Path, default=None, help="folder for runs (default: a temporary one)")
     parser.add_argument("--write", type=Path, default=None, help="put the tables into this markdown file")
@@ -149,22 +172,21 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafit-placement-"))
     seeds = list(range(1, args.seeds + 1))
     sections = [f"Measured by `scripts/compare_placement.py` on {compare_methods.machine()}."]
+    budgets = [int(r) for r in args.r.split(",")] if args.r else [None]
     for setup in args.setups.split(","):
-        config, lr = compare_methods.setup_config(setup, work / setup, args.small_steps)
-        if setup == "quickstart" and args.quickstart_steps:
-            extra = work / setup / "quickstart.yaml"
-            extra.parent.mkdir(parents=True, exist_ok=True)
-            extra.write_text(f"extends: {config}\ntrain:\n  max_steps: {args.quickstart_steps}\n")
-            config = extra
-        overrides = matched_overrides(config)
-        results = []
-        for label in variants:
-            print(f"[{setup}] {label} {overrides[label]} ...", flush=True)
-            results.append(run_variant(label, overrides[label], config, lr, work / setup, seeds, args.generate))
-        steps = f"{args.small_steps} steps" if setup == "small" else (
-            f"{args.quickstart_steps} steps" if args.quickstart_steps else "configs/tiny-quickstart.yaml as shipped")
-        sections.append(table(setup, results, steps))
-        (work / f"placement-{setup}.json").write_text(json.dumps(results, indent=1))
+        for r in budgets:
+            tag = setup if r is None else f"{setup}-r{r}"  # names the log's lines and the run folders
+            config, lr = compare_methods.setup_config(setup, work / setup, args.small_steps)
+            config, label = narrowed(config, setup, work / tag, args.quickstart_steps, r)
+            overrides = matched_overrides(config)
+            results = []
+            for variant in variants:
+                print(f"[{tag}] {variant} {overrides[variant]} ...", flush=True)
+                results.append(run_variant(variant, overrides[variant], config, lr, work / tag, seeds, args.generate))
+            steps = f"{args.small_steps} steps" if setup == "small" else (
+                f"{args.quickstart_steps} steps" if args.quickstart_steps else "configs/tiny-quickstart.yaml as shipped")
+            sections.append(table(label, results, steps))
+            (work / f"placement-{tag}.json").write_text(json.dumps(results, indent=1))
     text = "\n\n".join(sections)
     print("\n" + text)
     if args.write:

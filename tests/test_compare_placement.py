@@ -58,3 +58,14 @@ def test_an_unfinished_run_is_summarised_from_its_log(script, tmp_path):
     uniform, allocate = script.from_log(log, "quickstart")
     assert (uniform["variant"], uniform["seeds"], uniform["loss"]) == ("uniform", 2, 2.0)
     assert (allocate["variant"], allocate["seeds"], allocate["probe_s"]) == ("allocate", 1, 2.0)
+
+
+def test_a_narrower_budget_keeps_the_scale_and_the_other_keys(script, tmp_path, learnable_model_dir):
+    from lorafit.config import load_config
+
+    config = make_config(tmp_path, learnable_model_dir)
+    narrowed, label = script.narrowed(config, "quickstart", tmp_path / "q", 5, 2)
+    cfg, original = load_config(narrowed).config, load_config(config).config
+    assert (cfg.adapter.r, cfg.adapter.alpha, cfg.train.max_steps, label) == (2, 6.0, 5, "quickstart, r=2")
+    assert cfg.adapter.targets == original.adapter.targets and cfg.data == original.data
+    assert script.narrowed(config, "small", tmp_path / "s", 5, None) == (config, "small")  # steps: quickstart only
