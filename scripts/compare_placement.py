@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="lorafit-placement-"))
     seeds = list(range(1, args.seeds + 1))
     sections = [f"Measured by `scripts/compare_placement.py` on {compare_methods.machine()}."]
-    budgets = [int(r) for r in args.r.split(",")] if args.r else [None]
+    try:
+        budgets = [int(r) for r in args.r.split(",")] if args.r else [None]
+    except ValueError:
+        parser.error(f"--r {args.r}: give whole ranks, comma-separated (e.g. 16,4,1)")
+    if any(r is not None and r < 1 for r in budgets):
+        parser.error(f"--r {args.r}: a rank is at least 1")
     for setup in args.setups.split(","):
         for r in budgets:
             tag = setup if r is None else f"{setup}-r{r}"  # names the log's lines and the run folders
