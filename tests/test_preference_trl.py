@@ -158,6 +158,26 @@ def _assert_grads_equal(theirs: dict, ours: dict) -> None:
         assert ((ours[k] - theirs[k]).norm() / theirs[k].norm()).item() <= RTOL, k
 
 
+PAIR_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"]
+
+
+def _trl_step(trainer, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """TRL's loss on `inputs` (gradients accumulated into the model) and the metrics that step logged."""
+    loss = trainer._compute_loss(trainer.model, inputs, False)
+    loss.backward()
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def _assert_step_equals_trl(trl_loss: torch.Tensor, trl_metrics: dict, theirs_model, ours_model, items, objective,
+                            metric_names, reference=None) -> None:
+    """lorafit's step on the same items gives TRL's loss, the named metrics and the LoRA gradients."""
+    ours_loss, ours_metrics, ours_grads = _ours(ours_model, items, objective, reference)
+    assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
+    _assert_metrics_equal(trl_metrics, ours_metrics, metric_names)
+    _assert_grads_equal(_lora_grads(theirs_model), ours_grads)
+
+
 def _assert_metrics_equal(theirs: dict, ours: dict, names) -> None:
     """≤ 1e-5 relative; rewards are β × a difference of two fp32 sums of ~-30, which differ in the 7th digit when
     summed in another order (measured: 4e-7), hence the absolute 1e-6 beside it."""
@@ -178,15 +198,9 @@ def test_dpo_loss_metrics_and_gradients_equal_trl(tmp_path, tiny_tokenizer, mode
     reference = _continuing(ours_model)  # TRL's reference for a wrapped PEFT model: a copy of its adapter now
     _perturb(theirs_model, ours_model)
     theirs_model.train()
-    trl_loss = trainer._compute_loss(trainer.model, _dpo_inputs(items), False)
-    trl_loss.backward()
-    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    objective = make_objective("dpo", beta, loss=loss, label_smoothing=smoothing)
-    ours_loss, ours_metrics, ours_grads = _ours(ours_model, items, objective, reference)
-    assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
-    _assert_metrics_equal(trl_metrics, ours_metrics, ["rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                                      "rewards/margins", "logps/chosen", "logps/rejected"])
-    _assert_grads_equal(_lora_grads(theirs_model), ours_grads)
+    trl_loss, trl_metrics = _trl_step(trainer, _dpo_inputs(items))
+    _assert_step_equals_trl(trl_loss, trl_metrics, theirs_model, ours_model, items,
+                            make_objective("dpo", beta, loss=loss, label_smoothing=smoothing), PAIR_METRICS, reference)
 
 
 def test_dpo_sigmoid_label_smoothing_is_the_conservative_dpo_formula(tiny_tokenizer, models):
@@ -230,13 +244,9 @@ def test_simpo_equals_trl_cpo_trainer(tmp_path, tiny_tokenizer, models, sft_weig
     theirs_model.train()
     trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, _cpo_batch(items))
     trl_loss.backward()
-    objective = make_objective("simpo", 2.0, gamma=0.5, sft_weight=sft_weight)
-    ours_loss, ours_metrics, ours_grads = _ours(ours_model, items, objective)
-    assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
-    _assert_metrics_equal(trl_metrics, ours_metrics, ["rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                                      "rewards/margins", "logps/chosen", "logps/rejected"]
-                          + (["nll_loss"] if sft_weight else []))
-    _assert_grads_equal(_lora_grads(theirs_model), ours_grads)
+    _assert_step_equals_trl(trl_loss, trl_metrics, theirs_model, ours_model, items,
+                            make_objective("simpo", 2.0, gamma=0.5, sft_weight=sft_weight),
+                            PAIR_METRICS + (["nll_loss"] if sft_weight else []))
 
 
 def test_orpo_equals_trl_orpo_trainer(tmp_path, tiny_tokenizer, models):
@@ -249,12 +259,8 @@ def test_orpo_equals_trl_orpo_trainer(tmp_path, tiny_tokenizer, models):
     theirs_model.train()
     trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, _cpo_batch(items))
     trl_loss.backward()
-    ours_loss, ours_metrics, ours_grads = _ours(ours_model, items, make_objective("orpo", 0.25))
-    assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
-    _assert_metrics_equal(trl_metrics, ours_metrics, ["rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                                      "rewards/margins", "logps/chosen", "logps/rejected",
-                                                      "log_odds_ratio", "log_odds_chosen", "nll_loss"])
-    _assert_grads_equal(_lora_grads(theirs_model), ours_grads)
+    _assert_step_equals_trl(trl_loss, trl_metrics, theirs_model, ours_model, items, make_objective("orpo", 0.25),
+                            PAIR_METRICS + ["log_odds_ratio", "log_odds_chosen", "nll_loss"])
 
 
 def _kto_items(vocab: int) -> list[PrefItem]:
@@ -289,15 +295,11 @@ def test_kto_equals_trl_kto_trainer(tmp_path, tiny_tokenizer, models):
     reference = _continuing(ours_model)
     _perturb(theirs_model, ours_model)
     theirs_model.train()
-    trl_loss = trainer._compute_loss(trainer.model, _kto_inputs(items), False)
-    trl_loss.backward()
-    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    objective = make_objective("kto", 0.2, desirable_weight=1.3, undesirable_weight=0.8)
-    ours_loss, ours_metrics, ours_grads = _ours(ours_model, items, objective, reference)
-    assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
-    _assert_metrics_equal(trl_metrics, ours_metrics, ["rewards/chosen", "rewards/rejected", "rewards/margins",
-                                                      "logps/chosen", "logps/rejected", "kl"])
-    _assert_grads_equal(_lora_grads(theirs_model), ours_grads)
+    trl_loss, trl_metrics = _trl_step(trainer, _kto_inputs(items))
+    _assert_step_equals_trl(trl_loss, trl_metrics, theirs_model, ours_model, items,
+                            make_objective("kto", 0.2, desirable_weight=1.3, undesirable_weight=0.8),
+                            ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                             "kl"], reference)
 
 
 def test_fresh_adapter_reference_is_the_adapter_off_as_trl_with_peft_config(tmp_path, tiny_tokenizer):
@@ -329,8 +331,7 @@ def test_fresh_adapter_reference_is_the_adapter_off_as_trl_with_peft_config(tmp_
     assert reference.mode == "adapter off"
     items = _pairs(vocab, seed=4)
     theirs.train()
-    trl_loss = trainer._compute_loss(theirs, _dpo_inputs(items), False)
-    trl_loss.backward()
+    trl_loss, _ = _trl_step(trainer, _dpo_inputs(items))
     ours_loss, _, ours_grads = _ours(ours, items, make_objective("dpo", 0.5), reference)
     assert abs(trl_loss.item() - math.log(2)) > 1e-3  # the step moved the policy off the reference
     assert ours_loss == pytest.approx(trl_loss.item(), rel=RTOL)
