@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from rundirs import run_cli, write_jsonl
-from test_train import adapter_tensors, assert_same_training, metrics, train
+from test_train import adapter_tensors, assert_same_training, metrics, train, write_config
 
 from lorafit.config import load_config
 from lorafit.errors import ConfigError, DataError
@@ -30,24 +29,7 @@ def make_config(tmp_path: Path, model_dir: Path, objective: str = "dpo", rows=No
             "precision": "fp32", "gradient_checkpointing": False, "log_every": 1, "seed": 5, **train_keys}
     if preference:
         keys["preference"] = json.dumps(preference)
-    body = "\n".join(f"  {k}: {v}" for k, v in keys.items())
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""
-        model:
-          path: {model_dir}
-          dtype: float32
-        adapter:
-          r: 4
-          alpha: 12
-          dropout: 0.0
-        data:
-          train:
-            - path: {data}
-              format: {fmt}
-          max_length: 64
-        train:
-        """) + body + f"\noutput:\n  dir: {tmp_path / name}\n")
-    return path
+    return write_config(tmp_path / f"{name}.yaml", model_dir, tmp_path / name, data, fmt, keys, max_length=64)
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,30 +27,27 @@ def write_task(path: Path, n: int = 48) -> Path:
     return path
 
 
+def write_config(path: Path, model_dir: Path, out_dir: Path, data: Path, fmt: str, train_keys: dict,
+                 **data_keys) -> Path:
+    """A tiny run's config at `path`: fp32 `model_dir`, LoRA r 4 / alpha 12, one data file of format `fmt`,
+    `data_keys` (max_length, packing, ...) beside data.train, and `train_keys` as given."""
+    def block(keys: dict) -> str:
+        return "".join(f"  {k}: {v}\n" for k, v in keys.items())
+
+    path.write_text(f"model:\n  path: {model_dir}\n  dtype: float32\n"
+                    f"adapter:\n  r: 4\n  alpha: 12\n  dropout: 0.0\n"
+                    f"data:\n  train:\n    - path: {data}\n      format: {fmt}\n{block(data_keys)}"
+                    f"train:\n{block(train_keys)}"
+                    f"output:\n  dir: {out_dir}\n")
+    return path
+
+
 def make_config(tmp_path: Path, learnable_model_dir: Path, name: str = "run", **train) -> Path:
     data = write_task(tmp_path / "task.jsonl")
     train_keys = {"batch_size": 4, "grad_accum": 1, "lr": 1e-2, "max_steps": 6, "warmup": 0, "precision": "fp32",
                   "gradient_checkpointing": False, "log_every": 1, "seed": 7, **train}
-    train_yaml = "\n".join(f"  {k}: {v}" for k, v in train_keys.items())
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""
-        model:
-          path: {learnable_model_dir}
-          dtype: float32
-        adapter:
-          r: 4
-          alpha: 12
-          dropout: 0.0
-        data:
-          train:
-            - path: {data}
-              format: alpaca
-          max_length: 256
-          packing: false
-        output:
-          dir: {tmp_path / name}
-    """) + "train:\n" + train_yaml + "\n")
-    return path
+    return write_config(tmp_path / f"{name}.yaml", learnable_model_dir, tmp_path / name, data, "alpaca", train_keys,
+                        max_length=256, packing="false")
 
 
 def train(config: Path, *args: str) -> int:
