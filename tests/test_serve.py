@@ -7,6 +7,7 @@ under adapter swapping (--max-loras 1), 429 under a full queue, a disconnect fre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,46 +61,39 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     return made
 
 
-def _start(args: list[str]):
-    """A `lorafit serve` process on a free port: (port, client, process); stop it with _stop."""
+@contextlib.contextmanager
+def _serving(args: list[str]):
+    """A `lorafit serve` process on a free port for the block: yields (port, client); stopped by its pid after."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lorafit", "serve", *args, "--port", str(port), "--api-key", KEY]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_ready(port, proc)
-    except Exception:
-        _stop(proc)
-        raise
-    return port, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0), proc
+        yield port, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
-def _stop(proc) -> None:
-    os.kill(proc.pid, signal.SIGTERM)  # stopped by its pid
-    proc.wait(timeout=30)
+def _three_adapters(runs, merged) -> list[str]:
+    """Run a's adapter as the default, b's, and the a+b composition."""
+    return [str(runs["a"]), "--adapter", f"b={runs['b']}", "--adapter", f"ab={merged}"]
 
 
 @pytest.fixture(scope="module")
 def server(runs, merged, tmp_path_factory):
     root = tmp_path_factory.getbasetemp()  # every test's folders, not the rest of the disk
-    port, client, proc = _start([str(runs["a"]), "--adapter", f"b={runs['b']}", "--adapter", f"ab={merged}",
-                                 "--batch-wait-ms", "300",
-                                 "--adapter-root", str(root)])
-    try:
-        yield port, client
-    finally:
-        _stop(proc)
+    with _serving([*_three_adapters(runs, merged), "--batch-wait-ms", "300", "--adapter-root", str(root)]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def small_server(runs, merged):
     """One slot, two adapters in the model at a time (of three), two requests may wait."""
-    port, client, proc = _start([str(runs["a"]), "--adapter", f"b={runs['b']}", "--adapter", f"ab={merged}",
-                                 "--max-batch", "1", "--max-loras", "2", "--max-queue", "2", "--batch-wait-ms", "0"])
-    try:
-        yield port, client
-    finally:
-        _stop(proc)
+    with _serving([*_three_adapters(runs, merged), "--max-batch", "1", "--max-loras", "2", "--max-queue", "2",
+                   "--batch-wait-ms", "0"]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
